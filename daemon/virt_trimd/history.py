@@ -1,0 +1,372 @@
+"""Trim and sweep history in SQLite: what the `history` CLI prints and what a restart remembers.
+
+One file, `history.sqlite3`, under the daemon's state directory. Every record is a
+single INSERT in its own transaction, the journal is WAL and commits are fsynced
+(synchronous=FULL), so a SIGKILL or power cut mid-sweep leaves either the whole row
+or no row, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from virt_trimd.records import Result, TrimRecord
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "history.sqlite3"
+SCHEMA_VERSION = 1
+
+# Results that do not count as a trim for min_interval: nothing was asked of the guest.
+_NOT_A_TRIM = (Result.SKIPPED.value, Result.NOT_RUNNING.value)
+
+_SCHEMA_V1 = (
+    """
+    CREATE TABLE trims (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL,
+        uuid TEXT NOT NULL,
+        schedule TEXT,
+        result TEXT NOT NULL,
+        dry_run INTEGER NOT NULL DEFAULT 0,
+        started_at TEXT NOT NULL,
+        started_ts REAL NOT NULL,
+        duration_seconds REAL NOT NULL,
+        reclaimed_bytes INTEGER NOT NULL,
+        record_json TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX trims_domain_started ON trims (domain, started_ts)",
+    "CREATE INDEX trims_result ON trims (result)",
+    """
+    CREATE TABLE sweeps (
+        id INTEGER PRIMARY KEY,
+        schedule TEXT NOT NULL,
+        started_ts REAL NOT NULL,
+        finished_ts REAL NOT NULL,
+        domains INTEGER NOT NULL,
+        reclaimed_bytes INTEGER NOT NULL
+    )
+    """,
+    "CREATE INDEX sweeps_schedule_started ON sweeps (schedule, started_ts)",
+)
+
+
+class HistoryError(Exception):
+    """The history database cannot be opened, read or written."""
+
+
+def started_ts_from_iso(started_at: str) -> float:
+    """Epoch seconds of an ISO 8601 timestamp; a naive one is taken as UTC.
+
+    Raises ValueError when `started_at` is not ISO 8601.
+    """
+    moment = datetime.fromisoformat(started_at)
+    if moment.tzinfo is None:
+        # TrimRecord.started_at is documented as UTC; the host's local zone must not leak in.
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+class History:
+    """Append-only trim/sweep history, safe to share between the daemon's worker threads.
+
+    `History(state_dir)` creates the directory (0750) and the database if missing.
+    `History(state_dir, readonly=True)` opens an existing database for reading only
+    (the `history` CLI); it never creates anything. Raises HistoryError when the
+    database cannot be opened or carries a newer schema than this code knows.
+    """
+
+    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
+        self.path = Path(state_dir) / DB_FILENAME
+        self.readonly = readonly
+        # One connection shared by all threads; the lock serialises its use, which
+        # sqlite3 requires when check_same_thread=False.
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        try:
+            if readonly:
+                self._conn = self._open_readonly()
+            else:
+                self._conn = self._open_readwrite(Path(state_dir))
+        except (sqlite3.Error, OSError) as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            mode = "read" if readonly else "write"
+            raise HistoryError(
+                f"cannot open history database {self.path} to {mode}: {exc}; "
+                "check that the state directory exists, is writable by the daemon "
+                "and that the file is an SQLite database"
+            ) from exc
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise OSError(f"{self.path} does not exist (has the daemon ever run?)")
+        uri = self.path.resolve().as_uri()
+        conn = _connect_uri(f"{uri}?mode=ro")
+        try:
+            version = _user_version(conn)
+        except sqlite3.OperationalError:
+            conn.close()
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists():
+                raise
+            # A WAL database needs its -shm file even to read; when the daemon is stopped
+            # SQLite has deleted it, and a reader who may not write the directory cannot
+            # create it. With no -wal file every commit is in the main file, so reading it
+            # as immutable sees all of it (sqlite.org/wal.html, "Read-Only Databases").
+            log.debug("%s: cannot create -shm, reading as immutable", self.path)
+            conn = _connect_uri(f"{uri}?mode=ro&immutable=1")
+            version = _user_version(conn)
+        self._check_version(conn, version, readonly=True)
+        return conn
+
+    def _open_readwrite(self, state_dir: Path) -> sqlite3.Connection:
+        if not state_dir.is_dir():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            # mkdir's mode is filtered by the umask; set it explicitly. Only for a directory
+            # we created: an existing one (systemd StateDirectory=) keeps its owner's choice.
+            os.chmod(state_dir, 0o750)
+            log.info("created state directory %s", state_dir)
+        if not self.path.exists():
+            # Pre-create 0640: history names guests. SQLite copies the database file's
+            # mode to the -wal and -shm files it creates next to it.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        # isolation_level=None: autocommit, so each INSERT is exactly one transaction.
+        conn = sqlite3.connect(
+            self.path, timeout=5.0, check_same_thread=False, isolation_level=None
+        )
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("%s: journal_mode is %s, not wal; continuing", self.path, mode)
+        # FULL fsyncs the WAL at each commit: a power cut right after a sweep must not
+        # forget it (catch-up and min_interval read it back). Trims are rare, fsync is cheap.
+        conn.execute("PRAGMA synchronous=FULL")
+        self._migrate(conn)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if _user_version(conn) == SCHEMA_VERSION:
+            return
+        # IMMEDIATE takes the write lock first, so two processes opening a fresh
+        # database at once cannot both create the tables.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _user_version(conn)
+            self._check_version(conn, version, readonly=False)
+            if version == 0:
+                for statement in _SCHEMA_V1:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                log.info("created history schema v%d in %s", SCHEMA_VERSION, self.path)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _check_version(self, conn: sqlite3.Connection, version: int, *, readonly: bool) -> None:
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this virt-trimd understands "
+                f"({SCHEMA_VERSION}); upgrade virt-trimd or move the file aside"
+            )
+        if readonly and version == 0:
+            raise sqlite3.DatabaseError("the database has no virt-trimd schema yet")
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise HistoryError(f"history database {self.path} is closed")
+        return self._conn
+
+    def append(self, record: TrimRecord) -> None:
+        """Store one trim record in its own transaction.
+
+        Raises HistoryError when the row cannot be written (read-only database or
+        directory, disk full, I/O error) or `record.started_at` is not ISO 8601.
+        """
+        try:
+            started_ts = started_ts_from_iso(record.started_at)
+            record_json = json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False)
+        except ValueError as exc:
+            raise HistoryError(f"cannot store trim of {record.domain!r}: {exc}") from exc
+        row = (
+            record.domain,
+            record.uuid,
+            record.schedule,
+            record.result.value,
+            int(record.dry_run),
+            record.started_at,
+            started_ts,
+            record.duration_seconds,
+            record.reclaimed_bytes,
+            record_json,
+        )
+        self._write(
+            "INSERT INTO trims (domain, uuid, schedule, result, dry_run, started_at,"
+            " started_ts, duration_seconds, reclaimed_bytes, record_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+            what=f"trim of {record.domain!r}",
+        )
+
+    def append_sweep(
+        self,
+        schedule: str,
+        started_ts: float,
+        finished_ts: float,
+        domains: int,
+        reclaimed_bytes: int,
+    ) -> None:
+        """Store one completed sweep. Raises HistoryError when it cannot be written."""
+        self._write(
+            "INSERT INTO sweeps (schedule, started_ts, finished_ts, domains, reclaimed_bytes)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (schedule, started_ts, finished_ts, domains, reclaimed_bytes),
+            what=f"sweep of schedule {schedule!r}",
+        )
+
+    def _write(self, sql: str, params: tuple[Any, ...], *, what: str) -> None:
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute(sql, params)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    # An I/O error can leave the statement's transaction open; end it so
+                    # the next append starts clean instead of piling onto a dead one.
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.debug("rollback after failed write also failed", exc_info=True)
+                raise HistoryError(
+                    f"cannot record {what} in {self.path}: {exc}; "
+                    "check free space and that the state directory is writable"
+                ) from exc
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return list(conn.execute(sql, params).fetchall())
+            except sqlite3.Error as exc:
+                raise HistoryError(f"cannot read history from {self.path}: {exc}") from exc
+
+    def query(
+        self,
+        domain: str | None = None,
+        since_ts: float | None = None,
+        limit: int | None = None,
+    ) -> list[TrimRecord]:
+        """Trim records, oldest first, optionally of one domain and started at/after `since_ts`.
+
+        `limit` keeps the newest `limit` matching records (still returned oldest first),
+        which is what `history --limit N` wants. Raises HistoryError if a stored row
+        cannot be decoded.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if domain is not None:
+            where.append("domain = ?")
+            params.append(domain)
+        if since_ts is not None:
+            where.append("started_ts >= ?")
+            params.append(since_ts)
+        sql = "SELECT id, record_json FROM trims"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_ts DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(limit, 0))
+        rows = self._read(sql, tuple(params))
+        return [_decode(row_id, text, self.path) for row_id, text in reversed(rows)]
+
+    def last_success_by_domain(self) -> dict[str, float]:
+        """Domain -> epoch when its latest successful trim finished (started_ts + duration).
+
+        Only `success` counts: `partial` means a filesystem failed, and counting it would
+        hide that failure from a "no successful trim for N days" alert. The finish time
+        is the instant State.observe_trim uses, so a restart does not move the gauge.
+        Dry runs never count.
+        """
+        rows = self._read(
+            "SELECT domain, MAX(started_ts + duration_seconds) FROM trims"
+            " WHERE result = ? AND dry_run = 0 GROUP BY domain",
+            (Result.SUCCESS.value,),
+        )
+        return {str(d): float(ts) for d, ts in rows}
+
+    def last_trim_by_domain(self) -> dict[str, float]:
+        """Domain -> started_ts of its latest trim attempt, for min_interval across restarts.
+
+        Every result counts except skipped and not_running (nothing was asked of the
+        guest); dry runs never count.
+        """
+        rows = self._read(
+            "SELECT domain, MAX(started_ts) FROM trims"
+            " WHERE result NOT IN (?, ?) AND dry_run = 0 GROUP BY domain",
+            _NOT_A_TRIM,
+        )
+        return {str(d): float(ts) for d, ts in rows}
+
+    def last_sweep_by_schedule(self) -> dict[str, float]:
+        """Schedule -> started_ts of its latest completed sweep, for catch-up decisions."""
+        rows = self._read("SELECT schedule, MAX(started_ts) FROM sweeps GROUP BY schedule")
+        return {str(s): float(ts) for s, ts in rows}
+
+    def integrity_ok(self) -> bool:
+        """True when PRAGMA integrity_check reports "ok"; logs what it found otherwise."""
+        try:
+            rows = self._read("PRAGMA integrity_check")
+        except HistoryError as exc:
+            log.error("history integrity check could not run: %s", exc)
+            return False
+        findings = [str(r[0]) for r in rows]
+        if findings == ["ok"]:
+            return True
+        log.error("history integrity check of %s failed: %s", self.path, "; ".join(findings))
+        return False
+
+    def close(self) -> None:
+        """Close the connection; further calls raise HistoryError. Idempotent."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _connect_uri(uri: str) -> sqlite3.Connection:
+    return sqlite3.connect(
+        uri, uri=True, timeout=5.0, check_same_thread=False, isolation_level=None
+    )
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _decode(row_id: int, text: str, path: Path) -> TrimRecord:
+    try:
+        return TrimRecord.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HistoryError(f"{path}: trims row {row_id} cannot be decoded: {exc}") from exc
