@@ -1,0 +1,426 @@
+"""The libvirt adapter: the only module that imports libvirt.
+
+It turns domains into `DomainInfo`, runs the few guest-agent commands virt-trimd
+is allowed to send, and translates `libvirtError` into `HypervisorError` with a
+small set of `Outcome` values the trim logic can act on.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+from .domxml import DomainXMLError, parse_domain_xml
+from .records import DomainInfo, FilesystemResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The only agent commands virt-trimd ever sends. guest-exec, guest-file-* and
+# anything else that changes a guest are refused here, at the boundary, so a bug
+# elsewhere cannot turn the daemon into a remote shell.
+ALLOWED_AGENT_COMMANDS = frozenset({"guest-ping", "guest-info", "guest-fstrim", "guest-get-fsinfo"})
+
+# An agent reply larger than this is not a guest-fstrim reply we trust.
+MAX_AGENT_REPLY_BYTES = 1 << 20
+# Cap on filesystems we accept from one reply; a real guest has tens.
+MAX_FILESYSTEMS = 4096
+# A sane upper bound for any byte count a guest reports (1 EiB).
+MAX_SANE_BYTES = 1 << 60
+
+
+class Outcome(enum.StrEnum):
+    """What went wrong, in terms the trim logic can act on."""
+
+    AGENT_UNAVAILABLE = "agent_unavailable"
+    TIMEOUT = "timeout"
+    NOT_RUNNING = "not_running"
+    NO_DOMAIN = "no_domain"
+    CONNECTION = "connection"  # libvirtd gone or unreachable
+    UNSUPPORTED = "unsupported"
+    ERROR = "error"
+
+
+class HypervisorError(Exception):
+    """A libvirt call failed; `outcome` says how."""
+
+    def __init__(self, outcome: Outcome, message: str) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+
+
+class AgentCommandRefused(HypervisorError):
+    """A caller tried to send a command outside ALLOWED_AGENT_COMMANDS."""
+
+
+@dataclass(frozen=True)
+class GuestFilesystem:
+    """One filesystem as the guest agent reports it, mapped to libvirt disk targets."""
+
+    mountpoint: str
+    fstype: str | None
+    disks: tuple[str, ...]  # libvirt target devs (e.g. "sda"), empty when unmapped
+    used_bytes: int | None
+    total_bytes: int | None
+
+
+_AGENT_CODES = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED}
+_CONNECTION_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_SYSTEM_ERROR}
+_CONNECTION_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+_UNSUPPORTED_CODES = {
+    libvirt.VIR_ERR_NO_SUPPORT,
+    libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
+    libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+}
+
+
+def classify(exc: libvirt.libvirtError) -> Outcome:
+    """Map a libvirtError to an Outcome (pure, so it is unit-testable)."""
+    code = exc.get_error_code()
+    domain = exc.get_error_domain()
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return Outcome.NO_DOMAIN
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        # "domain is not running" is the only OPERATION_INVALID our calls provoke.
+        return Outcome.NOT_RUNNING
+    if code in _AGENT_CODES:
+        return Outcome.AGENT_UNAVAILABLE
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        # "cannot acquire state change lock": another job holds the domain.
+        return Outcome.TIMEOUT
+    if code in _CONNECTION_CODES or domain in _CONNECTION_DOMAINS:
+        return Outcome.CONNECTION
+    if code in _UNSUPPORTED_CODES:
+        return Outcome.UNSUPPORTED
+    return Outcome.ERROR
+
+
+def _libvirt_error_message(exc: libvirt.libvirtError) -> str:
+    return str(exc.get_error_message() or exc).strip()
+
+
+def _silence_libvirt_stderr(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; we log them ourselves."""
+
+
+class Hypervisor:
+    """A libvirt connection with the narrow interface virt-trimd needs.
+
+    Thread-safe: libvirt connections may be shared across threads; reconnecting
+    is serialised by a lock.
+    """
+
+    def __init__(self, uri: str, opener: Callable[[str], Any] | None = None) -> None:
+        self.uri = uri
+        self._opener = opener or libvirt.open
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        libvirt.registerErrorHandler(_silence_libvirt_stderr, None)
+
+    # -- connection ----------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection if it is not open and alive; raises HypervisorError."""
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return
+                except libvirt.libvirtError:
+                    pass
+                self._close_locked()
+            try:
+                self._conn = self._opener(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(
+                    Outcome.CONNECTION,
+                    f"cannot connect to {self.uri}: {_libvirt_error_message(exc)}",
+                ) from exc
+            log.info("connected to %s", self.uri)
+
+    def is_alive(self) -> bool:
+        """True when the connection is open and libvirtd answers."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.getLibVersion()
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._conn is not None:
+            with suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except libvirt.libvirtError as exc:
+            outcome = classify(exc)
+            raise HypervisorError(outcome, f"{what}: {_libvirt_error_message(exc)}") from exc
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            self.connect()
+        return self._conn
+
+    # -- domains -------------------------------------------------------------------
+
+    def list_domains(self) -> list[DomainInfo]:
+        """Every domain (running and defined), as DomainInfo; unparseable ones are logged."""
+        conn = self._connection()
+        with self._call("listing domains"):
+            doms = conn.listAllDomains(0)
+        out: list[DomainInfo] = []
+        for dom in doms:
+            try:
+                out.append(self._info(dom))
+            except HypervisorError as exc:
+                # A domain undefined between listing and reading its XML is not an error.
+                if exc.outcome is not Outcome.NO_DOMAIN:
+                    log.warning("skipping a domain: %s", exc.message)
+        return out
+
+    def domain(self, name: str) -> DomainInfo:
+        """DomainInfo for one domain by name; HypervisorError(NO_DOMAIN) if unknown."""
+        conn = self._connection()
+        with self._call(f"looking up domain {name!r}"):
+            dom = conn.lookupByName(name)
+        return self._info(dom)
+
+    def _info(self, dom: Any) -> DomainInfo:
+        with self._call("reading domain XML"):
+            active = bool(dom.isActive())
+            # Live XML of a running domain carries the agent channel state and aliases.
+            xml = dom.XMLDesc(0)
+        try:
+            parsed = parse_domain_xml(xml)
+        except DomainXMLError as exc:
+            raise HypervisorError(Outcome.ERROR, str(exc)) from exc
+        return DomainInfo(
+            name=parsed.name,
+            uuid=parsed.uuid,
+            running=active,
+            disks=parsed.disks,
+            agent=parsed.agent,
+            machine=parsed.machine,
+        )
+
+    def inactive_xml(self, name: str) -> str:
+        """The persistent (inactive) definition, as `virsh dumpxml --inactive` prints it."""
+        conn = self._connection()
+        with self._call(f"reading inactive XML of {name!r}"):
+            dom = conn.lookupByName(name)
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
+
+    def define_xml(self, xml: str) -> None:
+        """Redefine a domain's persistent configuration (takes effect at next cold boot)."""
+        conn = self._connection()
+        with self._call("defining domain XML"):
+            conn.defineXML(xml)
+
+    def _lookup_uuid(self, uuid: str) -> Any:
+        conn = self._connection()
+        with self._call(f"looking up domain {uuid}"):
+            return conn.lookupByUUIDString(uuid)
+
+    def active_job(self, uuid: str, targets: tuple[str, ...]) -> str | None:
+        """Describe a running block job or backup on the domain, or None when idle."""
+        dom = self._lookup_uuid(uuid)
+        with self._call("reading job info"):
+            for target in targets:
+                info = dom.blockJobInfo(target, 0)
+                if info:
+                    kind = _BLOCK_JOB_NAMES.get(int(info.get("type", 0)), "block job")
+                    return f"{kind} running on disk {target}"
+            stats = dom.jobStats(0)
+        op = int(stats.get("operation", 0) or 0)
+        if int(stats.get("type", 0) or 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+            return f"domain job running ({_JOB_OPERATION_NAMES.get(op, 'operation ' + str(op))})"
+        return None
+
+    # -- guest agent ---------------------------------------------------------------
+
+    def agent_command(
+        self, uuid: str, command: str, arguments: dict[str, Any] | None, timeout_seconds: float
+    ) -> Any:
+        """Send one allowed agent command and return its parsed `return` value.
+
+        Raises AgentCommandRefused for anything outside ALLOWED_AGENT_COMMANDS and
+        HypervisorError for libvirt or protocol failures.
+        """
+        if command not in ALLOWED_AGENT_COMMANDS:
+            raise AgentCommandRefused(Outcome.ERROR, f"agent command {command!r} is not allowed")
+        payload: dict[str, Any] = {"execute": command}
+        if arguments:
+            payload["arguments"] = arguments
+        dom = self._lookup_uuid(uuid)
+        # libvirt's default agent timeout blocks forever; always pass ours (whole seconds, >= 1).
+        timeout = max(1, round(timeout_seconds))
+        started = time.monotonic()
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(payload), timeout, 0)
+        except libvirt.libvirtError as exc:
+            outcome = classify(exc)
+            elapsed = time.monotonic() - started
+            # libvirt reports both "not connected" and "no reply in time" as
+            # AGENT_UNRESPONSIVE; the elapsed time tells them apart.
+            if outcome is Outcome.AGENT_UNAVAILABLE and elapsed >= timeout - 0.5:
+                outcome = Outcome.TIMEOUT
+            raise HypervisorError(outcome, f"{command}: {_libvirt_error_message(exc)}") from exc
+        return _parse_agent_reply(command, reply)
+
+    def ping(self, uuid: str, timeout_seconds: float = 5.0) -> None:
+        """guest-ping; raises HypervisorError(AGENT_UNAVAILABLE) when nobody answers."""
+        try:
+            self.agent_command(uuid, "guest-ping", None, timeout_seconds)
+        except HypervisorError as exc:
+            if exc.outcome is Outcome.TIMEOUT:
+                raise HypervisorError(Outcome.AGENT_UNAVAILABLE, exc.message) from exc
+            raise
+
+    def fstrim(
+        self, uuid: str, timeout_seconds: float, minimum_bytes: int = 0
+    ) -> tuple[FilesystemResult, ...]:
+        """Run guest-fstrim and return every filesystem's result.
+
+        We use qemuAgentCommand rather than virDomainFSTrim because the latter
+        throws the per-filesystem `paths` array away.
+        """
+        args = {"minimum": int(minimum_bytes)} if minimum_bytes > 0 else None
+        ret = self.agent_command(uuid, "guest-fstrim", args, timeout_seconds)
+        return parse_fstrim_return(ret)
+
+    def guest_filesystems(self, uuid: str, timeout_seconds: float = 10.0) -> list[GuestFilesystem]:
+        """Filesystems the agent sees, mapped to libvirt disk targets by libvirt itself."""
+        dom = self._lookup_uuid(uuid)
+        with self._call("reading guest filesystems"):
+            info = dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0)
+        return parse_guest_filesystems(info)
+
+
+_BLOCK_JOB_NAMES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "block pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "block copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "block commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active block commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
+}
+_JOB_OPERATION_NAMES = {
+    libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP: "backup",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SNAPSHOT: "snapshot",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT: "outgoing migration",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_SAVE: "save",
+    libvirt.VIR_DOMAIN_JOB_OPERATION_DUMP: "dump",
+}
+
+
+def _parse_agent_reply(command: str, reply: Any) -> Any:
+    """Parse the JSON text libvirt hands back; the guest controls it, so distrust it."""
+    if not isinstance(reply, str):
+        raise HypervisorError(Outcome.ERROR, f"{command}: agent reply is not text")
+    if len(reply) > MAX_AGENT_REPLY_BYTES:
+        raise HypervisorError(
+            Outcome.ERROR, f"{command}: agent reply too large ({len(reply)} bytes)"
+        )
+    try:
+        doc = json.loads(reply)
+    except ValueError as exc:
+        raise HypervisorError(Outcome.ERROR, f"{command}: agent reply is not JSON") from exc
+    if not isinstance(doc, dict) or "return" not in doc:
+        raise HypervisorError(Outcome.ERROR, f"{command}: agent reply has no 'return'")
+    return doc["return"]
+
+
+def _sane_int(value: Any) -> int | None:
+    """An int in [0, 1 EiB], or None: guests may send strings, floats, negatives."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if value < 0 or value > MAX_SANE_BYTES:
+        return None
+    return value
+
+
+def _clean_text(value: Any, limit: int = 4096) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text[:limit]
+
+
+def parse_fstrim_return(ret: Any) -> tuple[FilesystemResult, ...]:
+    """Turn guest-fstrim's `return` ({"paths": [...]}) into FilesystemResults.
+
+    Windows guests omit `trimmed`; failing filesystems carry `error`. Anything
+    malformed becomes an error entry rather than an exception.
+    """
+    if not isinstance(ret, dict) or not isinstance(ret.get("paths"), list):
+        raise HypervisorError(Outcome.ERROR, "guest-fstrim: reply has no 'paths' list")
+    out: list[FilesystemResult] = []
+    for entry in ret["paths"][:MAX_FILESYSTEMS]:
+        if not isinstance(entry, dict):
+            out.append(
+                FilesystemResult(
+                    mountpoint="?", trimmed_bytes=None, error="malformed entry in agent reply"
+                )
+            )
+            continue
+        error = entry.get("error")
+        trimmed = entry.get("trimmed")
+        sane = _sane_int(trimmed)
+        if trimmed is not None and sane is None and error is None:
+            error = f"implausible 'trimmed' value from agent: {_clean_text(trimmed, 64)}"
+        out.append(
+            FilesystemResult(
+                mountpoint=_clean_text(entry.get("path", "?")),
+                trimmed_bytes=sane,
+                error=_clean_text(error) if error is not None else None,
+            )
+        )
+    return tuple(out)
+
+
+def parse_guest_filesystems(info: Any) -> list[GuestFilesystem]:
+    """Decode virDomainGetGuestInfo's flat `fs.N.*` typed parameters."""
+    if not isinstance(info, dict):
+        return []
+    count = _sane_int(info.get("fs.count")) or 0
+    out: list[GuestFilesystem] = []
+    for i in range(min(count, MAX_FILESYSTEMS)):
+        pre = f"fs.{i}."
+        ndisks = _sane_int(info.get(pre + "disk.count")) or 0
+        disks = tuple(
+            str(info[pre + f"disk.{j}.alias"])
+            for j in range(min(ndisks, 64))
+            if isinstance(info.get(pre + f"disk.{j}.alias"), str)
+        )
+        fstype = info.get(pre + "fstype")
+        out.append(
+            GuestFilesystem(
+                mountpoint=_clean_text(info.get(pre + "mountpoint", "?")),
+                fstype=fstype if isinstance(fstype, str) else None,
+                disks=disks,
+                used_bytes=_sane_int(info.get(pre + "used-bytes")),
+                total_bytes=_sane_int(info.get(pre + "total-bytes")),
+            )
+        )
+    return out

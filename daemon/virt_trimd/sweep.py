@@ -1,0 +1,171 @@
+"""A sweep: pick domains, trim them with bounded concurrency, collect records.
+
+Used by both the one-shot `trim` command and the daemon's schedules. Per-domain
+locks shared across sweeps make sure two schedules never trim one domain at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .records import DomainInfo, Result, SweepSummary, TrimRecord
+from .trim import DomainTrimmer, TrimOptions, utc_now_iso
+
+log = logging.getLogger(__name__)
+
+
+def select_domains(
+    domains: Iterable[DomainInfo], include: Sequence[str], exclude: Sequence[str] = ()
+) -> list[DomainInfo]:
+    """Domains whose name matches an include glob and no exclude glob, sorted by name."""
+    picked = [
+        d
+        for d in domains
+        if any(fnmatch.fnmatchcase(d.name, g) for g in include)
+        and not any(fnmatch.fnmatchcase(d.name, g) for g in exclude)
+    ]
+    return sorted(picked, key=lambda d: d.name)
+
+
+@dataclass
+class DomainLocks:
+    """Per-domain (by UUID) non-blocking locks plus the last-trim times for min_interval."""
+
+    last_trim: dict[str, float] = field(default_factory=dict)  # uuid -> epoch seconds
+    _held: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def try_acquire(self, uuid: str) -> bool:
+        """Take the domain's lock if free; False when another sweep is trimming it."""
+        with self._lock:
+            if uuid in self._held:
+                return False
+            self._held.add(uuid)
+            return True
+
+    def release(self, uuid: str, trimmed_at: float | None) -> None:
+        """Free the domain; remember when it was last really trimmed."""
+        with self._lock:
+            self._held.discard(uuid)
+            if trimmed_at is not None:
+                self.last_trim[uuid] = trimmed_at
+
+    def too_soon(self, uuid: str, min_interval_seconds: float, now: float) -> float | None:
+        """Seconds since the last trim if that is less than min_interval, else None."""
+        if min_interval_seconds <= 0:
+            return None
+        with self._lock:
+            last = self.last_trim.get(uuid)
+        if last is None or now - last >= min_interval_seconds:
+            return None
+        return now - last
+
+
+# Results that mean the guest really ran (or tried to run) fstrim: they count for min_interval.
+TRIM_ATTEMPTED = frozenset({Result.SUCCESS, Result.PARTIAL, Result.TIMEOUT})
+
+
+def run_sweep(
+    trimmer: DomainTrimmer,
+    domains: Sequence[DomainInfo],
+    opts: TrimOptions,
+    *,
+    concurrency: int = 1,
+    locks: DomainLocks | None = None,
+    min_interval_seconds: float = 0.0,
+    delay_for: Callable[[DomainInfo], float] | None = None,
+    on_record: Callable[[TrimRecord], None] | None = None,
+    stop: threading.Event | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> SweepSummary:
+    """Trim `domains` with at most `concurrency` at once; return every record.
+
+    `delay_for` gives each domain's start offset (spreading); `stop` cuts waits
+    short and skips domains not yet started. `on_record` runs in the worker
+    thread as each record completes (history, metrics).
+    """
+    locks = locks or DomainLocks()
+    stop = stop or threading.Event()
+    t0 = time.monotonic()
+
+    def one(dom: DomainInfo) -> TrimRecord | None:
+        if delay_for is not None:
+            wait = delay_for(dom) - (time.monotonic() - t0)
+            if wait > 0 and stop.wait(wait):
+                return None
+        if stop.is_set():
+            return None
+        if not locks.try_acquire(dom.uuid):
+            return _skip(dom, opts, "skipped: another schedule is trimming this domain now")
+        trimmed_at: float | None = None
+        try:
+            since = locks.too_soon(dom.uuid, min_interval_seconds, wall_clock())
+            if since is not None:
+                return _skip(
+                    dom,
+                    opts,
+                    f"skipped: trimmed {since:.0f}s ago, min_interval is {min_interval_seconds:g}s",
+                )
+            record = trimmer.trim(dom, opts)
+            if record.result in TRIM_ATTEMPTED and not opts.dry_run:
+                trimmed_at = wall_clock()
+            return record
+        except Exception:  # a bug must not kill the sweep; record it and go on
+            log.exception("unexpected error trimming %s", dom.name)
+            return TrimRecord(
+                domain=dom.name,
+                uuid=dom.uuid,
+                result=Result.ERROR,
+                message="internal error; see the log",
+                started_at=utc_now_iso(),
+                duration_seconds=0.0,
+                schedule=opts.schedule,
+                dry_run=opts.dry_run,
+            )
+        finally:
+            locks.release(dom.uuid, trimmed_at)
+
+    records: list[TrimRecord] = []
+    rec_lock = threading.Lock()
+
+    def worker(dom: DomainInfo) -> None:
+        rec = one(dom)
+        if rec is None:
+            return
+        if on_record is not None:
+            try:
+                on_record(rec)
+            except Exception:
+                log.exception("recording the trim of %s failed", dom.name)
+        with rec_lock:
+            records.append(rec)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="trim") as pool:
+        # Submit in start-offset order so a worker waiting for its slot in the
+        # window never holds up a domain due earlier.
+        ordered = sorted(domains, key=delay_for) if delay_for is not None else list(domains)
+        for fut in [pool.submit(worker, d) for d in ordered]:
+            fut.result()
+    order = {d.uuid: i for i, d in enumerate(domains)}
+    records.sort(key=lambda r: order.get(r.uuid, 0))
+    return SweepSummary(records=tuple(records))
+
+
+def _skip(dom: DomainInfo, opts: TrimOptions, message: str) -> TrimRecord:
+    log.info("%s: %s", dom.name, message)
+    return TrimRecord(
+        domain=dom.name,
+        uuid=dom.uuid,
+        result=Result.SKIPPED,
+        message=message,
+        started_at=utc_now_iso(),
+        duration_seconds=0.0,
+        schedule=opts.schedule,
+        dry_run=opts.dry_run,
+    )
