@@ -105,7 +105,7 @@ def test_corrupt_qcow2_is_a_measure_error(tmp_path: Path) -> None:
 
 
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(MeasureError, match="gone.qcow2"):
+    with pytest.raises(MeasureError, match=r"gone\.qcow2"):
         Measurer().allocation(str(tmp_path / "gone.qcow2"), "qcow2")
 
 
