@@ -1,0 +1,327 @@
+"""In-memory state the metrics collector renders: updated by the daemon, read at scrape time.
+
+The daemon's worker threads call the `observe_*`/`set_*` methods; the collector calls
+`snapshot()`, which copies under one lock and returns immutable data, so a scrape
+never waits on libvirt or qemu-img and never sees a half-applied trim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TypeVar
+
+from virt_trimd.records import DiskRecord, Result, SweepSummary, TrimRecord
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# Upper bounds (seconds) of the trim duration histogram: an idle small guest answers in
+# well under a second, a multi-TB thin volume can take most of an hour.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    math.inf,
+)
+
+# Results where no fstrim was attempted: their ~0 s "duration" would only drag the
+# duration histogram and last_trim_duration towards zero.
+_NOT_ATTEMPTED = frozenset({Result.SKIPPED, Result.NOT_RUNNING, Result.AGENT_MISSING})
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """What is currently known about one disk of one domain.
+
+    `discard` is the domain XML's driver discard attribute, None when absent.
+    The optional fields are None while unknown; the collector then omits the series.
+    """
+
+    domain: str
+    disk: str
+    path: str | None
+    format: str | None
+    bus: str
+    discard: str | None
+    allocated_bytes: int | None
+    virtual_bytes: int | None
+    file_bytes: int | None
+    discard_ready: bool | None = None
+    effective: bool | None = None
+    reclaimable_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class HistogramState:
+    """Non-cumulative bucket counts aligned with `bounds`, plus sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        """Number of observations."""
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """An immutable copy of State at one instant; what one scrape renders.
+
+    Keys are label values; tuple keys are (domain, disk), (domain, mountpoint) or
+    (domain, result) in the order of the metric's labels.
+    """
+
+    reclaimed_bytes_total: Mapping[tuple[str, str], int]
+    guest_trimmed_bytes_total: Mapping[tuple[str, str], int]
+    trims_total: Mapping[tuple[str, str], int]
+    trim_duration: HistogramState
+    last_trim_duration_seconds: Mapping[str, float]
+    last_success_ts: Mapping[str, float]
+    disks: tuple[DiskState, ...]
+    next_run_ts: Mapping[str, float]
+    last_sweep_ts: Mapping[str, float]
+    sweep_reclaimed_bytes: Mapping[str, int]
+    libvirt_up: bool
+    config_reload_ok: bool
+    config_reload_success_ts: float | None
+    history_write_ok: bool
+    history_write_errors_total: int
+
+
+class State:
+    """Thread-safe metrics state. All methods are cheap and never block on I/O."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reclaimed: dict[tuple[str, str], int] = {}
+        self._guest_trimmed: dict[tuple[str, str], int] = {}
+        self._trims: dict[tuple[str, str], int] = {}
+        self._duration_counts = [0] * len(DURATION_BUCKETS)
+        self._duration_sum = 0.0
+        self._last_duration: dict[str, float] = {}
+        self._last_success: dict[str, float] = {}
+        self._disks: dict[str, dict[str, DiskState]] = {}
+        self._next_run: dict[str, float] = {}
+        self._last_sweep: dict[str, float] = {}
+        self._sweep_reclaimed: dict[str, int] = {}
+        # libvirt is down until the daemon says it connected; a missing "up" would hide
+        # the outage from an `== 0` alert.
+        self._libvirt_up = False
+        self._config_ok = False
+        self._config_success_ts: float | None = None
+        # No write has failed yet: 1 until a write does.
+        self._history_ok = True
+        self._history_errors = 0
+
+    def observe_trim(self, record: TrimRecord, now: float | None = None) -> None:
+        """Account one trim record.
+
+        Dry runs change nothing on the host, so they change no metric. Otherwise:
+        trims_total[domain, result] += 1; per measured disk, reclaimed_bytes_total grows
+        by the positive part of its reclaim (a guest that wrote more than it trimmed
+        must not make a counter go down) and its gauges take the after-trim numbers;
+        guest_trimmed_bytes_total grows per mountpoint the guest reported a size for.
+        Duration is observed only when an fstrim was attempted. Only `success` sets
+        last_success (to started_at + duration; `now` when started_at is unparseable):
+        `partial` means a filesystem failed, and alerts on a stale success must see it.
+        """
+        if record.dry_run:
+            log.debug("dry-run record for %s not counted", record.domain)
+            return
+        domain = record.domain
+        with self._lock:
+            key = (domain, record.result.value)
+            self._trims[key] = self._trims.get(key, 0) + 1
+            for fs in record.filesystems:
+                if fs.trimmed_bytes is None:
+                    continue  # Windows guests report no size
+                fs_key = (domain, fs.mountpoint)
+                self._guest_trimmed[fs_key] = self._guest_trimmed.get(fs_key, 0) + max(
+                    fs.trimmed_bytes, 0
+                )
+            for disk in record.disks:
+                self._apply_disk_record(domain, disk)
+            if record.result in _NOT_ATTEMPTED:
+                return
+            duration = record.duration_seconds
+            if math.isfinite(duration) and duration >= 0:
+                self._observe_duration(duration)
+                self._last_duration[domain] = duration
+            if record.result is Result.SUCCESS:
+                finished = _finished_ts(record, now)
+                self._last_success[domain] = max(finished, self._last_success.get(domain, finished))
+
+    def _apply_disk_record(self, domain: str, disk: DiskRecord) -> None:
+        if disk.not_measured is not None or disk.allocated_after is None:
+            return
+        if disk.reclaimed_bytes is not None:
+            key = (domain, disk.disk)
+            # Create the series at 0 even for a zero reclaim, so rate() sees the first rise.
+            self._reclaimed[key] = self._reclaimed.get(key, 0) + max(disk.reclaimed_bytes, 0)
+        disks = self._disks.setdefault(domain, {})
+        old = disks.get(disk.disk)
+        disks[disk.disk] = DiskState(
+            domain=domain,
+            disk=disk.disk,
+            path=disk.path,
+            format=disk.format,
+            bus=disk.bus,
+            discard=disk.discard,
+            allocated_bytes=disk.allocated_after,
+            virtual_bytes=_newer(disk.virtual_size, old.virtual_bytes if old else None),
+            file_bytes=_newer(disk.file_size, old.file_bytes if old else None),
+            discard_ready=old.discard_ready if old else None,
+            effective=_newer(disk.effective, old.effective if old else None),
+            reclaimable_bytes=old.reclaimable_bytes if old else None,
+        )
+
+    def _observe_duration(self, seconds: float) -> None:
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self._duration_counts[i] += 1
+                break
+        self._duration_sum += seconds
+
+    def observe_census(self, domain: str, disks: Sequence[DiskState]) -> None:
+        """Replace `domain`'s disk gauges with `disks` (an empty sequence removes them).
+
+        Counters of disks that are gone stay until the domain itself goes (retain_domains).
+        Raises ValueError if a DiskState belongs to another domain.
+        """
+        for disk in disks:
+            if disk.domain != domain:
+                raise ValueError(f"census of {domain!r} got disk {disk.disk!r} of {disk.domain!r}")
+        with self._lock:
+            if disks:
+                self._disks[domain] = {d.disk: d for d in disks}
+            else:
+                self._disks.pop(domain, None)
+
+    def retain_domains(self, names: Collection[str]) -> None:
+        """Drop every series of domains not in `names`: vanished guests leave the metrics."""
+        keep = set(names)
+        with self._lock:
+            for pairs in (self._reclaimed, self._guest_trimmed, self._trims):
+                for key in [k for k in pairs if k[0] not in keep]:
+                    del pairs[key]
+            for by_domain in (self._last_duration, self._last_success, self._disks):
+                for name in [n for n in by_domain if n not in keep]:
+                    del by_domain[name]
+
+    def restore_last_success(self, mapping: Mapping[str, float]) -> None:
+        """Seed last-success timestamps (from History at start); a newer value wins."""
+        with self._lock:
+            for domain, ts in mapping.items():
+                self._last_success[domain] = max(ts, self._last_success.get(domain, ts))
+
+    def set_next_run(self, schedule: str, ts: float | None) -> None:
+        """Set when `schedule` fires next; None (paused, no next fire) removes the series."""
+        with self._lock:
+            if ts is None:
+                self._next_run.pop(schedule, None)
+            else:
+                self._next_run[schedule] = ts
+
+    def retain_schedules(self, names: Collection[str]) -> None:
+        """Drop every series of schedules not in `names` (removed by a config reload)."""
+        keep = set(names)
+        with self._lock:
+            for by_schedule in (self._next_run, self._last_sweep, self._sweep_reclaimed):
+                for name in [n for n in by_schedule if n not in keep]:
+                    del by_schedule[name]
+
+    def observe_sweep(self, schedule: str, summary: SweepSummary, finished_ts: float) -> None:
+        """Record a completed sweep: its finish time and net reclaim (negative if guests wrote)."""
+        with self._lock:
+            self._last_sweep[schedule] = finished_ts
+            self._sweep_reclaimed[schedule] = summary.reclaimed_bytes
+
+    def set_libvirt_up(self, up: bool) -> None:
+        """Whether the last libvirt connection attempt or call succeeded."""
+        with self._lock:
+            self._libvirt_up = up
+
+    def set_config_reload(self, ok: bool, ts: float | None = None) -> None:
+        """Record a config load; on success also its time (`ts`, default now)."""
+        with self._lock:
+            self._config_ok = ok
+            if ok:
+                self._config_success_ts = time.time() if ts is None else ts
+
+    def set_history_ok(self, ok: bool) -> None:
+        """Record the outcome of one history write; a failure also counts an error."""
+        with self._lock:
+            self._history_ok = ok
+            if not ok:
+                self._history_errors += 1
+
+    def snapshot(self) -> StateSnapshot:
+        """An immutable copy of everything, taken under the lock."""
+        with self._lock:
+            return StateSnapshot(
+                reclaimed_bytes_total=MappingProxyType(dict(self._reclaimed)),
+                guest_trimmed_bytes_total=MappingProxyType(dict(self._guest_trimmed)),
+                trims_total=MappingProxyType(dict(self._trims)),
+                trim_duration=HistogramState(
+                    bounds=DURATION_BUCKETS,
+                    counts=tuple(self._duration_counts),
+                    sum=self._duration_sum,
+                ),
+                last_trim_duration_seconds=MappingProxyType(dict(self._last_duration)),
+                last_success_ts=MappingProxyType(dict(self._last_success)),
+                disks=tuple(
+                    disk
+                    for _, by_disk in sorted(self._disks.items())
+                    for _, disk in sorted(by_disk.items())
+                ),
+                next_run_ts=MappingProxyType(dict(self._next_run)),
+                last_sweep_ts=MappingProxyType(dict(self._last_sweep)),
+                sweep_reclaimed_bytes=MappingProxyType(dict(self._sweep_reclaimed)),
+                libvirt_up=self._libvirt_up,
+                config_reload_ok=self._config_ok,
+                config_reload_success_ts=self._config_success_ts,
+                history_write_ok=self._history_ok,
+                history_write_errors_total=self._history_errors,
+            )
+
+
+def _newer(new: _T | None, old: _T | None) -> _T | None:
+    return old if new is None else new
+
+
+def _finished_ts(record: TrimRecord, now: float | None) -> float:
+    try:
+        started = datetime.fromisoformat(record.started_at)
+    except ValueError:
+        log.warning(
+            "trim of %s has unparseable started_at %r; using the current time",
+            record.domain,
+            record.started_at,
+        )
+        return time.time() if now is None else now
+    if started.tzinfo is None:
+        # TrimRecord.started_at is documented as UTC; the host's zone must not leak in.
+        started = started.replace(tzinfo=UTC)
+    duration = record.duration_seconds
+    return started.timestamp() + (duration if math.isfinite(duration) and duration > 0 else 0.0)
