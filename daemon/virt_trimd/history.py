@@ -101,10 +101,10 @@ class History:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            mode = "read" if readonly else "write"
+            mode, access = ("read", "readable by you") if readonly else ("write", "writable")
             raise HistoryError(
                 f"cannot open history database {self.path} to {mode}: {exc}; "
-                "check that the state directory exists, is writable by the daemon "
+                f"check that the state directory exists and is {access}, "
                 "and that the file is an SQLite database"
             ) from exc
 
