@@ -1,0 +1,163 @@
+"""sd_notify(3) glue: readiness, reload, stop, status and watchdog messages to systemd.
+
+Every method is a no-op (returns False) when NOTIFY_SOCKET is unset, i.e. when the
+daemon runs outside a `Type=notify` service, so callers never need to check.
+Messages go through systemd-python's `systemd.daemon.notify` (libsystemd's
+sd_notify, which handles path and abstract `@` sockets alike); when that module is
+missing a small AF_UNIX datagram sender of our own does the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+_Sender = Callable[[str], bool]
+
+
+def _load_libsystemd_sender() -> _Sender | None:
+    try:
+        import systemd.daemon as sd_daemon  # noqa: PLC0415  (optional at run time)
+    except ImportError:
+        return None
+
+    def send(message: str) -> bool:
+        # Returns False when NOTIFY_SOCKET is unset, raises OSError when sending fails.
+        return bool(sd_daemon.notify(message))
+
+    return send
+
+
+def notify_socket_address(value: str) -> str:
+    """NOTIFY_SOCKET value -> address for socket.connect (AF_UNIX); raise ValueError.
+
+    `@name` is a Linux abstract socket, spelled with a leading NUL byte in the address.
+    Other schemes systemd knows (vsock: since systemd 254) are refused here.
+    """
+    if value.startswith("@") and len(value) > 1:
+        return "\0" + value[1:]
+    if value.startswith("/"):
+        return value
+    raise ValueError(f"unsupported NOTIFY_SOCKET address {value!r}")
+
+
+def send_datagram(message: str) -> bool:
+    """Send one notification as sd_notify does, without libsystemd.
+
+    Returns False when NOTIFY_SOCKET is unset; raises OSError or ValueError on failure.
+    """
+    value = os.environ.get("NOTIFY_SOCKET")
+    if not value:
+        return False
+    address = notify_socket_address(value)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode("utf-8"))
+    return True
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, the clock systemd compares MONOTONIC_USEC= with."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+class Notifier:
+    """Tells systemd about the daemon's state; every method returns whether a message went out.
+
+    Failures to send are logged (once until the next success) and never raised: a
+    lost watchdog ping should not take the daemon down with it; systemd notices anyway.
+    """
+
+    def __init__(self, use_libsystemd: bool = True) -> None:
+        """Use systemd-python when importable and `use_libsystemd`, else our own sender."""
+        sender = _load_libsystemd_sender() if use_libsystemd else None
+        self._send_raw: _Sender = sender or send_datagram
+        self.backend = "libsystemd" if sender is not None else "socket"
+        self._failing = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when running under a service manager that listens (NOTIFY_SOCKET set)."""
+        return bool(os.environ.get("NOTIFY_SOCKET"))
+
+    def send(self, *assignments: str) -> bool:
+        """Send raw `KEY=value` assignments as one datagram; False when unset or failed."""
+        if not self.enabled:
+            return False
+        message = "\n".join(assignments)
+        try:
+            sent = self._send_raw(message)
+        except (OSError, ValueError) as exc:
+            if not self._failing:
+                log.warning("cannot notify systemd (%s): %s", message.split("=", 1)[0], exc)
+            self._failing = True
+            return False
+        self._failing = False
+        return sent
+
+    def ready(self, status: str | None = None) -> bool:
+        """READY=1: startup finished, or a reload finished (after `reloading()`)."""
+        if status is None:
+            return self.send("READY=1")
+        return self.send("READY=1", _status_line(status))
+
+    def reloading(self) -> bool:
+        """RELOADING=1 with MONOTONIC_USEC=; follow with `ready()` once the reload is done.
+
+        Type=notify-reload (systemd >= 253) requires MONOTONIC_USEC= to match the
+        reload to the request; older systemd ignores the extra field.
+        """
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+
+    def stopping(self) -> bool:
+        """STOPPING=1: shutdown has begun (systemd then shows the unit as deactivating)."""
+        return self.send("STOPPING=1")
+
+    def status(self, text: str) -> bool:
+        """STATUS=text, shown by `systemctl status`."""
+        return self.send(_status_line(text))
+
+    def watchdog(self) -> bool:
+        """WATCHDOG=1: the main loop is alive; send every `watchdog_interval()` seconds."""
+        return self.send("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """EXTEND_TIMEOUT_USEC=: ask for more time during a slow start or stop."""
+        return self.send(f"EXTEND_TIMEOUT_USEC={max(0, round(seconds * 1_000_000))}")
+
+    @staticmethod
+    def watchdog_interval() -> float | None:
+        """Seconds between watchdog pings (half of WATCHDOG_USEC), or None when not asked.
+
+        None unless WATCHDOG_USEC is a positive integer and WATCHDOG_PID is unset or
+        names this process (a child that inherited the variables must not ping).
+        """
+        usec_text = os.environ.get("WATCHDOG_USEC")
+        if not usec_text:
+            return None
+        pid_text = os.environ.get("WATCHDOG_PID")
+        if pid_text:
+            try:
+                if int(pid_text) != os.getpid():
+                    return None
+            except ValueError:
+                log.warning("ignoring watchdog: WATCHDOG_PID=%r is not a number", pid_text)
+                return None
+        try:
+            usec = int(usec_text)
+        except ValueError:
+            log.warning("ignoring watchdog: WATCHDOG_USEC=%r is not a number", usec_text)
+            return None
+        if usec <= 0:
+            return None
+        return usec / 2 / 1_000_000
+
+
+def _status_line(text: str) -> str:
+    # A newline would end the assignment and let the rest pose as another one.
+    return "STATUS=" + " ".join(text.splitlines())
