@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian packages, the package in editable mode with
+# its test extras) and start virtlogd + libvirtd, which nobody else starts here because
+# systemd is not PID 1. Idempotent: safe to run before every CI run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+PACKAGES=(
+    qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
+    libsystemd-dev pkg-config gcc busybox-static linux-image-amd64 qemu-guest-agent
+    e2fsprogs cpio prometheus time
+)
+
+log() { echo "install-deps: $*"; }
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+    [[ "$status" == "install ok installed" ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep postinst scripts from starting services (prometheus would grab :9090 and
+    # collide with tests); this script starts the two daemons the tests need itself.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+    log "Debian packages present"
+fi
+
+log "pip install -e '.[test]'"
+"$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e "$ROOT[test]"
+
+# Same logic as rig.ensure_libvirtd() in tests/rig/host.py, for shells and `make`.
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+    mkdir -p /var/log/libvirt /var/run/libvirt
+    # A second instance exits on the pidfile lock, so a failed start is not fatal here;
+    # the wait below is the real check.
+    [[ -S /run/libvirt/virtlogd-sock ]] || { log "starting virtlogd"; virtlogd -d || true; }
+    log "starting libvirtd"
+    libvirtd -d || true
+    for _ in $(seq 60); do
+        virsh -c qemu:///system version >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+    echo "install-deps: libvirtd does not answer on qemu:///system; see /var/log/libvirt/" >&2
+    exit 1
+fi
+log "libvirtd answers on qemu:///system"
