@@ -116,7 +116,10 @@ def domain_xml(
         if not image_paths:
             raise RigError("a guest without disks needs an explicit console_log path")
         console_log = console_log_path(image_paths[0].parent, spec)
-    cmdline = f"console=ttyS0 quiet panic=-1 vtrimd.disks={len(spec.disks)}"
+    # Not `quiet`: the kernel log costs no measurable boot time under TCG and is what
+    # explains an early failure (OOM unpacking the initramfs, a missing driver).
+    # panic=-1 + on_reboot=destroy: a panicking guest stops instead of hanging.
+    cmdline = f"console=ttyS0 panic=-1 vtrimd.disks={len(spec.disks)}"
     if spec.agent == "channel_only":
         cmdline += " vtrimd.noagent"
     elif spec.agent == "stalled":
