@@ -1,0 +1,981 @@
+"""Discard audit: does a guest's TRIM reach the host image, and if not, what to change.
+
+Pure logic over parsed domain XML (`ParsedDomain` / `DomainInfo`): no libvirt here.
+A guest's discard frees host space only when every hop passes it on:
+
+    guest fstrim -> guest driver -> emulated bus/device -> QEMU block layer -> image/host
+
+The checks below name the hop that drops it and the exact XML change that fixes it.
+The CLI (`virt-trimd audit`) prints `format_audit_table` / `audit_to_json`; the daemon
+exports `discard_ready` as `virt_trimd_disk_discard_ready`; `enable_discard_xml`,
+`unified_diff` and `backup_xml` implement `virt-trimd audit --enable-discard`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+import logging
+import os
+import re
+import shlex
+import stat
+import unicodedata
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+from xml.parsers import expat
+
+from .domxml import AGENT_CHANNEL_NAME
+from .records import AgentChannel, Disk
+
+log = logging.getLogger(__name__)
+
+QemuVersion = tuple[int, int, int]
+
+AGENT_CHANNEL_XML = (
+    f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL_NAME}'/></channel>"
+)
+AGENT_INSTALL_HINT = "install and start qemu-guest-agent in the guest"
+COLD_BOOT_HINT = (
+    "XML changes take effect at the next cold boot: `virsh shutdown {domain}`, then "
+    "`virsh start {domain}` (a reboot inside the guest keeps the running QEMU process)"
+)
+BUS_FIX = (
+    "move the disk to virtio-scsi: add <controller type='scsi' model='virtio-scsi'/> and "
+    "set <target dev='sdX' bus='scsi'/>; for a Windows guest let it load the vioscsi driver "
+    "first (add a small second disk on that bus and boot once) and never move the boot disk "
+    "first - see docs/troubleshooting.md"
+)
+
+# Devices that never carry a trimmable guest filesystem.
+_SKIPPED_DEVICES = frozenset({"cdrom", "floppy"})
+# The virtio-scsi controller models libvirt knows (the -transitional ones exist since 5.2).
+_VIRTIO_SCSI_MODELS = frozenset({"virtio-scsi", "virtio-transitional", "virtio-non-transitional"})
+# QEMU block drivers whose discard reaches the storage server.
+_DISCARD_PROTOCOLS = frozenset({"rbd", "iscsi", "nbd", "gluster"})
+# QEMU's curl driver (http, ftp, ...) is read-only: nothing to discard.
+_READONLY_PROTOCOLS = frozenset({"http", "https", "ftp", "ftps", "tftp"})
+_NO_DISCARD_BUSES = {
+    # Linux's usb-storage skips the SCSI VPD pages that advertise UNMAP, so guests never
+    # send discards to a QEMU usb-storage disk.
+    "usb": "bus='usb': guests do not send discards to USB mass storage (Linux's usb-storage "
+    "does not read the pages that advertise UNMAP)",
+    "sd": "bus='sd': the emulated SD card does not pass discards to the image",
+    "xen": "bus='xen' is a Xen paravirtual disk; under QEMU/KVM it has no discard path",
+}
+# Machine-type aliases resolve to the newest versioned type of the running QEMU.
+_MACHINE_ALIASES = frozenset(
+    {"pc", "q35", "virt", "pseries", "s390-ccw-virtio", "ubuntu", "ubuntu-q35"}
+)
+# Ubuntu's own machine types are named after the release; the QEMU each release shipped
+# decides which upstream compat properties (hw_compat_X_Y) they carry.
+_UBUNTU_MACHINES = {
+    "trusty": (2, 0),
+    "xenial": (2, 5),
+    "yakkety": (2, 6),
+    "zesty": (2, 8),
+    "artful": (2, 10),
+    "bionic": (2, 11),
+    "cosmic": (2, 12),
+    "disco": (3, 1),
+    "eoan": (4, 0),
+    "focal": (4, 2),
+    "groovy": (5, 0),
+    "hirsute": (5, 2),
+    "impish": (6, 0),
+    "jammy": (6, 2),
+    "kinetic": (7, 0),
+    "lunar": (7, 2),
+    "mantic": (8, 0),
+    "noble": (8, 2),
+}
+_VERSIONED_MACHINE = re.compile(
+    r"(?P<family>[a-z0-9_]+(?:-[a-z0-9_]+)*?)-(?P<major>\d+)\.(?P<minor>\d+)(?:\.\d+)?(?:-[a-z]+)?"
+)
+_RHEL_MACHINE = re.compile(r"(?P<family>.*?)-?rhel(?P<major>\d+)\.(?P<minor>\d+)(?:\.\d+)?")
+_UBUNTU_MACHINE = re.compile(r"(?P<family>pc-(?:i440fx|q35))-(?P<codename>[a-z]+)(?:-hpb)?")
+# virtio-blk gained discard in QEMU 4.0; hw_compat_3_1 turns it off again
+# ("virtio-blk-device", "discard", "false") for every machine type <= 3.1.
+_VIRTIO_BLK_DISCARD_QEMU = (4, 0)
+_LAST_MACHINE_WITHOUT_DISCARD = (3, 1)
+
+
+class Verdict(enum.StrEnum):
+    """Whether a guest's discards reach the host."""
+
+    READY = "ready"
+    NOT_READY = "not_ready"
+
+
+class DomainDescription(Protocol):
+    """What the audit reads from a parsed domain: `ParsedDomain` and `DomainInfo` both fit."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def machine(self) -> str | None: ...
+    @property
+    def disks(self) -> tuple[Disk, ...]: ...
+    @property
+    def agent(self) -> AgentChannel: ...
+
+
+@dataclass(frozen=True)
+class AgentAudit:
+    """Guest agent verdict: without an answering agent nobody asks the guest to trim."""
+
+    configured: bool
+    state: str | None  # connected / disconnected / None (not running or not reported)
+    verdict: Verdict
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskAudit:
+    """Verdict for one disk, from the definition QEMU runs now (live) when there is one.
+
+    `discard` is "ignore" when the XML has no attribute (libvirt's default);
+    `discard_explicit` says whether the XML spelled it out. `reasons` lists every
+    reason the disk is not ready; `notes` are facts worth knowing that do not block.
+    """
+
+    target: str
+    device: str
+    bus: str
+    controller_model: str | None
+    source_type: str
+    source: str | None
+    format: str | None
+    discard: str
+    discard_explicit: bool
+    detect_zeroes: str | None
+    verdict: Verdict
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    fix: str | None = None
+    differs: bool = False  # live and persistent definitions disagree about this disk
+    persistent_verdict: Verdict | None = None  # None for transient domains / hot-plugged disks
+    pending: str | None = None  # what the live/persistent difference means
+
+
+@dataclass(frozen=True)
+class DomainAudit:
+    """Audit of one domain: agent, every trimmable disk, domain-level notes."""
+
+    name: str
+    running: bool
+    machine: str | None
+    agent: AgentAudit
+    disks: tuple[DiskAudit, ...]
+    notes: tuple[str, ...] = ()
+    next_step: str | None = None  # how XML fixes take effect (cold boot), when any apply
+
+    @property
+    def ready(self) -> bool:
+        """True when the agent and every audited disk are ready."""
+        return self.agent.verdict is Verdict.READY and all(
+            d.verdict is Verdict.READY for d in self.disks
+        )
+
+
+@dataclass(frozen=True)
+class _Check:
+    ready: bool
+    reasons: tuple[str, ...]
+    notes: tuple[str, ...]
+    fix: str | None
+
+
+# -- machine types --------------------------------------------------------------------
+
+
+def virtio_blk_discard(
+    machine: str | None, qemu_version: QemuVersion | None
+) -> tuple[bool | None, str]:
+    """Does virtio-blk offer discard to the guest on this machine type and QEMU?
+
+    Returns (True/False, or None when it cannot be told, and the explanation).
+    A versioned machine type X.Y only exists in QEMU >= X.Y, so it also bounds QEMU.
+    """
+    if qemu_version is not None and qemu_version[:2] < _VIRTIO_BLK_DISCARD_QEMU:
+        ver = ".".join(map(str, qemu_version))
+        return False, f"QEMU {ver} has no discard for virtio-blk (added in QEMU 4.0)"
+    m = (machine or "").strip().lower()
+    if not m:
+        return _by_qemu(qemu_version, "the domain XML names no machine type")
+    if m in _MACHINE_ALIASES:
+        return _by_qemu(qemu_version, f"machine type '{m}' is an alias for QEMU's newest")
+    rhel = _RHEL_MACHINE.fullmatch(m)
+    if rhel:
+        # RHEL 7's qemu-kvm predates virtio-blk discard and its rhel7.x machine types keep
+        # it off; RHEL 8's types carry the 4.0 behaviour.
+        if int(rhel["major"]) <= 7:
+            return False, (
+                f"machine type '{machine}' is a RHEL 7 type: virtio-blk discard stays off "
+                "on it for compatibility"
+            )
+        return True, f"machine type '{machine}' (RHEL 8 or newer) has virtio-blk discard"
+    ubuntu = _UBUNTU_MACHINE.fullmatch(m)
+    if ubuntu and ubuntu["codename"] in _UBUNTU_MACHINES:
+        return _by_machine_version(machine or m, _UBUNTU_MACHINES[ubuntu["codename"]])
+    versioned = _VERSIONED_MACHINE.fullmatch(m)
+    if versioned:
+        return _by_machine_version(machine or m, (int(versioned["major"]), int(versioned["minor"])))
+    return None, f"machine type '{machine}' is not one virt-trimd can date"
+
+
+def _by_qemu(qemu_version: QemuVersion | None, what: str) -> tuple[bool | None, str]:
+    if qemu_version is None:
+        return None, f"{what} and the QEMU version is unknown"
+    return True, f"{what}; QEMU {'.'.join(map(str, qemu_version))} has virtio-blk discard"
+
+
+def _by_machine_version(machine: str, version: tuple[int, int]) -> tuple[bool, str]:
+    if version <= _LAST_MACHINE_WITHOUT_DISCARD:
+        return False, (
+            f"machine type '{machine}' is {version[0]}.{version[1]} or older: QEMU keeps "
+            "discard off on virtio-blk for compatibility (hw_compat_3_1), so the guest "
+            "never sees the feature"
+        )
+    return True, f"machine type '{machine}' is newer than 3.1: virtio-blk offers discard"
+
+
+def _machine_fix(machine: str | None) -> str:
+    m = machine or ""
+    rhel = _RHEL_MACHINE.fullmatch(m.lower())
+    if rhel and rhel["family"]:
+        newer = f"{rhel['family']}-rhel8.0.0 or newer"
+    else:
+        versioned = _VERSIONED_MACHINE.fullmatch(m.lower()) or _UBUNTU_MACHINE.fullmatch(m.lower())
+        newer = f"{versioned['family']}-4.0 or newer" if versioned else "a 4.0-or-newer type"
+    return (
+        f"raise the machine type to {newer} in <os><type machine='...'>, e.g. the newest "
+        "`virsh capabilities` lists (this changes guest-visible hardware: test it first; "
+        "Windows may ask for reactivation), or move the disk to virtio-scsi"
+    )
+
+
+# -- per-disk rules ----------------------------------------------------------------------
+
+
+def _driver_fix(disk: Disk, domain: str) -> str:
+    attrs = ["name='qemu'"]
+    if disk.driver_format:
+        attrs.append(f"type='{disk.driver_format}'")
+    attrs.append("discard='unmap'")
+    if disk.detect_zeroes:
+        attrs.append(f"detect_zeroes='{disk.detect_zeroes}'")
+    new = f"<driver {' '.join(attrs)}/> (keep its other attributes"
+    if disk.source_type == "network":
+        # enable_discard_xml skips network disks: whether a shared backend should get
+        # discards is the storage owner's call.
+        return new + "; `--enable-discard` leaves network disks alone, edit it by hand)"
+    return new + f"; `virt-trimd audit --enable-discard {shlex.quote(domain)}` does this)"
+
+
+def _check_disk(
+    disk: Disk, machine: str | None, qemu_version: QemuVersion | None, domain: str = "DOMAIN"
+) -> _Check:
+    reasons: list[str] = []
+    notes: list[str] = []
+    fixes: list[str] = []
+    needs_discard_attr = True
+    src = disk.source_type
+    proto = disk.network_protocol or "unknown"
+
+    if src == "dir":
+        needs_discard_attr = False
+        reasons.append(
+            "type='dir' shows a host directory as a virtual FAT disk (QEMU vvfat), "
+            "which has no discard"
+        )
+        fixes.append("copy the data onto an image-file disk")
+    elif src == "network":
+        if proto in _READONLY_PROTOCOLS:
+            needs_discard_attr = False
+            reasons.append(f"protocol '{proto}' is read-only in QEMU: there is nothing to discard")
+        elif proto in _DISCARD_PROTOCOLS:
+            notes.append(
+                f"network disk ({proto}): discards go to the storage backend, so reclaim "
+                "happens in the storage backend; virt-trimd cannot measure it"
+            )
+        else:
+            notes.append(
+                f"network disk ({proto}): whether QEMU's {proto} driver passes discards is not "
+                "known to virt-trimd; reclaim happens in the storage backend; virt-trimd "
+                "cannot measure it"
+            )
+    elif src == "block":
+        notes.append(
+            "block device: with discard='unmap' the host device (thin LV, SSD, LUN) gets "
+            "the discard; virt-trimd measures image files only, so reclaim is not measured"
+        )
+    elif src == "vhostuser":
+        needs_discard_attr = False
+        notes.append(
+            "vhost-user disk: the external vhost-user-blk backend decides what a discard "
+            "does; the driver's discard attribute does not apply"
+        )
+    elif src not in ("file", "volume", "nvme"):
+        notes.append(f"source type '{src or 'none'}' is not one virt-trimd knows")
+
+    if needs_discard_attr and disk.discard != "unmap":
+        if disk.discard is None:
+            reasons.append(
+                "no discard attribute on <driver> (libvirt's default is 'ignore'): QEMU "
+                "drops the guest's discards and the image never shrinks"
+            )
+        else:
+            reasons.append(
+                f"discard='{disk.discard}' on <driver>: QEMU drops the guest's discards "
+                "and the image never shrinks"
+            )
+        fixes.append(_driver_fix(disk, domain))
+
+    _check_bus(disk, machine, qemu_version, reasons, notes, fixes)
+
+    if disk.detect_zeroes == "unmap":
+        if disk.discard == "unmap":
+            notes.append(
+                "detect_zeroes='unmap': QEMU turns guest writes of zeroes into discards, "
+                "so zero-filling frees host space too"
+            )
+        else:
+            notes.append(
+                "detect_zeroes='unmap' needs discard='unmap': until then libvirt runs it as 'on'"
+            )
+    elif disk.detect_zeroes == "on":
+        notes.append(
+            "detect_zeroes='on' stores zero writes efficiently but frees nothing; "
+            "detect_zeroes='unmap' (with discard='unmap') would free host space for them"
+        )
+
+    return _Check(
+        ready=not reasons,
+        reasons=tuple(reasons),
+        notes=tuple(notes),
+        fix="; ".join(fixes) if fixes else None,
+    )
+
+
+def _check_bus(
+    disk: Disk,
+    machine: str | None,
+    qemu_version: QemuVersion | None,
+    reasons: list[str],
+    notes: list[str],
+    fixes: list[str],
+) -> None:
+    bus = disk.bus
+    if bus == "virtio":
+        ok, why = virtio_blk_discard(machine, qemu_version)
+        if ok is False:
+            reasons.append(why)
+            fixes.append(_machine_fix(machine))
+        elif ok is None:
+            notes.append(f"{why}: assuming virtio-blk offers discard")
+        notes.append(
+            "virtio-blk discard needs a guest driver that uses it: Linux >= 5.0, "
+            "or a virtio-win viostor with discard support"
+        )
+    elif bus == "scsi":
+        model = disk.controller_model
+        if model is None:
+            notes.append(
+                "the SCSI controller's model is not in this XML (libvirt picks lsilogic on "
+                "x86 unless virtio-scsi is asked for); UNMAP is implemented by QEMU's "
+                "scsi-hd device, so it works on any SCSI controller"
+            )
+        elif model not in _VIRTIO_SCSI_MODELS:
+            notes.append(
+                f"SCSI controller model '{model}': UNMAP is implemented by QEMU's scsi-hd "
+                "device, not the controller, so it reaches the image; virtio-scsi is still "
+                "the better controller (faster, drivers in current guests)"
+            )
+        if disk.device == "lun":
+            notes.append("device='lun' passes the guest's SCSI commands through to the host device")
+    elif bus == "sata":
+        notes.append(
+            "sata: QEMU's AHCI disk emulates ATA TRIM, so trims work, but in virt-trimd's "
+            "tests a trim left ~16 MiB more allocated than the same disk on virtio-scsi"
+        )
+    elif bus == "ide":
+        notes.append(
+            "ide: QEMU emulates ATA TRIM, so trims work, but IDE handles one request at a "
+            "time; virtio-scsi is the better bus"
+        )
+    elif bus in _NO_DISCARD_BUSES:
+        reasons.append(_NO_DISCARD_BUSES[bus])
+        fixes.append(BUS_FIX)
+    else:
+        notes.append(f"bus '{bus or 'none'}' is not one virt-trimd knows; checked the driver only")
+
+
+def _skipped(disk: Disk) -> bool:
+    return disk.device in _SKIPPED_DEVICES or disk.readonly
+
+
+def discard_ready(disk: Disk, machine: str | None, qemu_version: QemuVersion | None) -> bool | None:
+    """For `virt_trimd_disk_discard_ready`: True/False, None for cdrom, floppy, read-only."""
+    if _skipped(disk):
+        return None
+    return _check_disk(disk, machine, qemu_version).ready
+
+
+# -- whole domain ------------------------------------------------------------------------
+
+
+def _verdict(ready: bool) -> Verdict:
+    return Verdict.READY if ready else Verdict.NOT_READY
+
+
+def _audit_agent(
+    current: DomainDescription, running: bool, persistent: DomainDescription | None
+) -> AgentAudit:
+    agent = current.agent
+    quoted = shlex.quote(current.name)
+    how = f"`virsh edit {quoted}`"
+    if running:
+        how += f", or hot-plug it with `virsh attach-device {quoted} channel.xml --live --config`"
+    fix = f"add inside <devices>: {AGENT_CHANNEL_XML} ({how}); then {AGENT_INSTALL_HINT}"
+    if not agent.configured:
+        notes: tuple[str, ...] = ()
+        if running and persistent is not None and persistent.agent.configured:
+            notes = ("the persistent definition already has the channel: cold boot to apply",)
+            fix = f"cold boot the domain; then {AGENT_INSTALL_HINT}"
+        return AgentAudit(
+            configured=False,
+            state=None,
+            verdict=Verdict.NOT_READY,
+            reasons=(
+                f"no guest agent channel ({AGENT_CHANNEL_NAME}) in the domain XML: "
+                "virt-trimd cannot ask the guest to trim",
+            ),
+            notes=notes,
+            fix=fix,
+        )
+    notes_list: list[str] = []
+    if running and persistent is not None and not persistent.agent.configured:
+        notes_list.append(
+            "the channel is not in the persistent definition: it disappears at the next "
+            f"cold boot; add {AGENT_CHANNEL_XML} there too"
+        )
+    if agent.state == "disconnected":
+        return AgentAudit(
+            configured=True,
+            state=agent.state,
+            verdict=Verdict.NOT_READY,
+            reasons=("the agent channel is disconnected: nothing answers inside the guest",),
+            notes=tuple(notes_list),
+            fix=f"{AGENT_INSTALL_HINT} (Linux: systemctl enable --now qemu-guest-agent; "
+            "Windows: the QEMU Guest Agent service from virtio-win)",
+        )
+    if agent.state is None:
+        notes_list.append(
+            "channel configured; whether the agent answers is known once the domain runs"
+            if not running
+            else "channel configured; libvirt did not report whether the agent is connected"
+        )
+    return AgentAudit(
+        configured=True, state=agent.state, verdict=Verdict.READY, notes=tuple(notes_list)
+    )
+
+
+def _relevant(disk: Disk) -> tuple[object, ...]:
+    return (
+        disk.bus,
+        disk.controller_model,
+        disk.source_type,
+        disk.driver_format,
+        disk.discard or "ignore",
+        disk.detect_zeroes,
+        disk.device,
+        disk.network_protocol,
+    )
+
+
+def _disk_audit(
+    disk: Disk,
+    check: _Check,
+    persistent_check: _Check | None,
+    differs: bool,
+    pending: str | None,
+) -> DiskAudit:
+    return DiskAudit(
+        target=disk.target,
+        device=disk.device,
+        bus=disk.bus,
+        controller_model=disk.controller_model,
+        source_type=disk.source_type,
+        source=disk.source_path,
+        format=disk.driver_format,
+        discard=disk.discard or "ignore",
+        discard_explicit=disk.discard is not None,
+        detect_zeroes=disk.detect_zeroes,
+        verdict=_verdict(check.ready),
+        reasons=check.reasons,
+        notes=check.notes,
+        fix=check.fix,
+        differs=differs,
+        persistent_verdict=None if persistent_check is None else _verdict(persistent_check.ready),
+        pending=pending,
+    )
+
+
+def _pending(check: _Check, persistent_check: _Check, changes: list[str]) -> str:
+    what = ", ".join(changes)
+    if not check.ready and persistent_check.ready:
+        return f"the persistent definition is already fixed ({what}): cold boot to apply"
+    if check.ready and not persistent_check.ready:
+        return (
+            f"the persistent definition differs ({what}) and is NOT ready: the next cold "
+            "boot loses discard; fix the persistent definition"
+        )
+    return f"live and persistent definitions differ ({what}): cold boot to apply"
+
+
+def _changes(
+    live: Disk, persistent: Disk, live_machine: str | None, pers_machine: str | None
+) -> list[str]:
+    names = (
+        "bus",
+        "controller",
+        "source type",
+        "format",
+        "discard",
+        "detect_zeroes",
+        "device",
+        "protocol",
+    )
+    out = [
+        f"{n}: {a} -> {b}"
+        for n, a, b in zip(names, _relevant(live), _relevant(persistent), strict=True)
+        if a != b
+    ]
+    if live.bus == "virtio" and live_machine != pers_machine:
+        out.append(f"machine: {live_machine} -> {pers_machine}")
+    return out
+
+
+def audit_domain(
+    live: DomainDescription | None,
+    persistent: DomainDescription | None,
+    qemu_version: QemuVersion | None,
+) -> DomainAudit:
+    """Audit one domain.
+
+    `live` is the running definition (`virDomainGetXMLDesc(0)` of a running domain) or
+    None when the domain is shut off; a `DomainInfo` with running=False counts as None.
+    `persistent` is the inactive definition, None for a transient domain.
+    Verdicts describe what QEMU runs now when running, else what the next boot runs.
+    Raises ValueError when both are None.
+    """
+    if live is not None and getattr(live, "running", True) is False:
+        live = None
+    current = live if live is not None else persistent
+    if current is None:
+        raise ValueError("audit_domain needs a live or a persistent definition")
+    running = live is not None
+    notes: list[str] = []
+    if running and persistent is None:
+        notes.append(
+            "transient domain (no persistent definition): --enable-discard cannot help; "
+            "change whatever creates it"
+        )
+    if live is not None and persistent is not None and live.machine != persistent.machine:
+        notes.append(
+            f"machine type differs: running {live.machine}, persistent {persistent.machine} "
+            "(cold boot to apply)"
+        )
+
+    pers_by_target = (
+        {d.target: d for d in persistent.disks} if running and persistent is not None else {}
+    )
+    audits: list[DiskAudit] = []
+    seen: set[str] = set()
+    for disk in current.disks:
+        if _skipped(disk):
+            if disk.readonly and disk.device not in _SKIPPED_DEVICES:
+                notes.append(f"{disk.target}: read-only disk, nothing to trim")
+            continue
+        seen.add(disk.target)
+        check = _check_disk(disk, current.machine, qemu_version, current.name)
+        if not running or persistent is None:
+            persistent_check = check if not running else None
+            audits.append(_disk_audit(disk, check, persistent_check, False, None))
+            continue
+        pdisk = pers_by_target.get(disk.target)
+        if pdisk is None:
+            audits.append(
+                _disk_audit(
+                    disk,
+                    check,
+                    None,
+                    True,
+                    "hot-plugged: not in the persistent definition, gone after the next cold boot",
+                )
+            )
+            continue
+        pcheck = _check_disk(pdisk, persistent.machine, qemu_version, current.name)
+        changes = _changes(disk, pdisk, current.machine, persistent.machine)
+        pending = _pending(check, pcheck, changes) if changes else None
+        audits.append(_disk_audit(disk, check, pcheck, bool(changes), pending))
+    if running and persistent is not None:
+        for pdisk in persistent.disks:
+            if pdisk.target in seen or _skipped(pdisk):
+                continue
+            pcheck = _check_disk(pdisk, persistent.machine, qemu_version, current.name)
+            audits.append(
+                _disk_audit(
+                    pdisk,
+                    pcheck,
+                    pcheck,
+                    True,
+                    "only in the persistent definition: it appears at the next cold boot",
+                )
+            )
+    agent = _audit_agent(current, running, persistent)
+    next_step: str | None = None
+    if not agent.configured or any(d.fix or d.pending for d in audits):
+        next_step = (
+            COLD_BOOT_HINT.format(domain=shlex.quote(current.name))
+            if running
+            else "XML changes take effect when the domain next starts"
+        )
+    return DomainAudit(
+        name=current.name,
+        running=running,
+        machine=current.machine,
+        agent=agent,
+        disks=tuple(audits),
+        notes=tuple(notes),
+        next_step=next_step,
+    )
+
+
+# -- fixing the persistent XML -------------------------------------------------------------
+
+_ENABLE_SOURCE_TYPES = frozenset({"file", "block", "volume"})
+_DISK_PATH = ("domain", "devices", "disk")
+
+
+@dataclass
+class _DiskTags:
+    """Where one <disk> and its children sit in the original bytes."""
+
+    attrs: dict[str, str]
+    start: int  # byte offset of '<disk'
+    driver_start: int | None = None
+    driver_attrs: dict[str, str] | None = None
+    target: str | None = None
+    readonly: bool = False
+
+
+def _scan_disks(data: bytes) -> list[_DiskTags]:
+    """Parse with expat and note the byte offsets of every domain/devices/disk and its driver."""
+    # UTF-8 regardless of any declaration: the offsets index the bytes we encoded.
+    parser = expat.ParserCreate(encoding="UTF-8")
+    stack: list[str] = []
+    disks: list[_DiskTags] = []
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        stack.append(name)
+        path = tuple(stack)
+        if path == _DISK_PATH:
+            disks.append(_DiskTags(attrs=dict(attrs), start=parser.CurrentByteIndex))
+        elif path[:-1] == _DISK_PATH:
+            disk = disks[-1]
+            if name == "driver" and disk.driver_start is None:
+                disk.driver_start = parser.CurrentByteIndex
+                disk.driver_attrs = dict(attrs)
+            elif name == "target":
+                disk.target = attrs.get("dev")
+            elif name == "readonly":
+                disk.readonly = True
+
+    def end(_name: str) -> None:
+        stack.pop()
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as exc:
+        raise ValueError(f"domain XML does not parse: {exc}") from exc
+    return disks
+
+
+def _tag_end(data: bytes, start: int) -> int:
+    """Offset of the '>' closing the start tag at `start` ('>' may sit inside quotes)."""
+    quote = 0
+    for i in range(start + 1, len(data)):
+        c = data[i]
+        if quote:
+            if c == quote:
+                quote = 0
+        elif c in b"'\"":
+            quote = c
+        elif c == ord(">"):
+            return i
+    raise ValueError("unterminated tag")
+
+
+_DISCARD_ATTR = re.compile(rb"(\sdiscard\s*=\s*)(['\"])[^'\"]*\2")
+
+
+def _set_discard(tag: bytes) -> bytes:
+    """Return the start tag with discard='unmap', attribute added or its value replaced."""
+    if _DISCARD_ATTR.search(tag):
+        return _DISCARD_ATTR.sub(lambda m: m.group(1) + m.group(2) + b"unmap" + m.group(2), tag)
+    body = tag[:-2] if tag.endswith(b"/>") else tag[:-1]
+    close = tag[len(body) :]
+    stripped = body.rstrip()
+    return stripped + b" discard='unmap'" + body[len(stripped) :] + close
+
+
+def enable_discard_xml(inactive_xml: str) -> tuple[str, list[str]]:
+    """Set discard='unmap' on every file/block/volume disk of a persistent domain XML.
+
+    Touches nothing else: buses stay as they are (a Windows guest whose boot disk moves to
+    a bus it has no driver for fails to boot), cdrom/floppy and read-only disks are
+    skipped, and a disk without <driver> gets <driver name='qemu' discard='unmap'/>.
+    The edit is spliced into the original text at the offsets the XML parser reports, so
+    everything else (quoting, namespaces, metadata, comments) stays byte for byte and a
+    diff shows only the changed lines. Returns (new XML, targets changed).
+    Raises ValueError when the text is not a domain document.
+    """
+    data = inactive_xml.encode("utf-8")
+    try:
+        root = ET.fromstring(inactive_xml)
+    except ET.ParseError as exc:
+        raise ValueError(f"domain XML does not parse: {exc}") from exc
+    if root.tag != "domain":
+        raise ValueError(f"expected <domain>, got <{root.tag}>")
+    edits: list[tuple[int, int, bytes]] = []  # (start, end, replacement), applied back to front
+    changed: list[str] = []
+    for disk in _scan_disks(data):
+        if disk.attrs.get("device", "disk") in _SKIPPED_DEVICES or disk.readonly:
+            continue
+        if disk.attrs.get("type", "") not in _ENABLE_SOURCE_TYPES:
+            continue
+        if disk.driver_start is not None:
+            if (disk.driver_attrs or {}).get("discard") == "unmap":
+                continue
+            end = _tag_end(data, disk.driver_start) + 1
+            edits.append((disk.driver_start, end, _set_discard(data[disk.driver_start : end])))
+        else:
+            disk_end = _tag_end(data, disk.start) + 1
+            if data[disk_end - 2 : disk_end] == b"/>":
+                continue  # an empty <disk/> has nothing to trim
+            # libvirt writes <driver> first inside <disk>, indented one level deeper.
+            line_start = data.rfind(b"\n", 0, disk.start) + 1
+            indent = data[line_start : disk.start]
+            indent = indent if not indent.strip() else b""
+            new = b"\n" + indent + b"  <driver name='qemu' discard='unmap'/>"
+            edits.append((disk_end, disk_end, new))
+        changed.append(disk.target or "?")
+    for start, end, replacement in sorted(edits, reverse=True):
+        data = data[:start] + replacement + data[end:]
+    return (data.decode("utf-8"), changed) if changed else (inactive_xml, [])
+
+
+def unified_diff(old: str, new: str, name: str) -> str:
+    """A `diff -u` of two XML texts, labelled with the domain name; "" when equal."""
+    old_lines = [line if line.endswith("\n") else line + "\n" for line in old.splitlines(True)]
+    new_lines = [line if line.endswith("\n") else line + "\n" for line in new.splitlines(True)]
+    return "".join(
+        difflib.unified_diff(old_lines, new_lines, fromfile=f"{name} (now)", tofile=f"{name} (new)")
+    )
+
+
+def safe_filename(name: str, limit: int = 80) -> str:
+    """A file-name-safe rendering of a domain name, unique per name (hash suffix).
+
+    Keeps ASCII letters, digits, '.', '_' and '-'; everything else ('/', spaces,
+    unicode, leading dots) becomes '_'. The short hash keeps 'a/b' and 'a_b' apart.
+    """
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", ascii_name).lstrip(".")[:limit] or "domain"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{cleaned}-{digest}"
+
+
+def backup_xml(state_dir: Path, domain: str, xml: str, now: datetime) -> Path:
+    """Write `xml` to state_dir/xml-backups/<safe name>-<UTC timestamp>.xml and return it.
+
+    The directory is 0700 and the file 0600: the inactive XML is read with
+    VIR_DOMAIN_XML_SECURE and may hold VNC/SPICE passwords. Never overwrites: a second
+    backup in the same second gets a -N suffix. `now` must be timezone-aware.
+    Raises ValueError for a naive `now`, OSError when the backup cannot be written.
+    """
+    if now.tzinfo is None:
+        raise ValueError("backup_xml needs a timezone-aware datetime")
+    directory = state_dir / "xml-backups"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{directory} is not a directory")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+    stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = f"{safe_filename(domain)}-{stamp}"
+    data = xml.encode("utf-8")
+    for n in range(1000):
+        path = directory / (f"{base}.xml" if n == 0 else f"{base}-{n}.xml")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)  # the umask must not widen or narrow it
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        log.info("backed up the XML of %s to %s", domain, path)
+        return path
+    raise OSError(f"cannot find a free backup file name for {base} in {directory}")
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _first_line(items: Sequence[str]) -> str:
+    return items[0] if items else "-"
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def format_audit_table(audits: Sequence[DomainAudit], reason_width: int = 72) -> str:
+    """Human-readable audit: one row per agent and disk, then details and fixes."""
+    rows: list[tuple[str, ...]] = [("DOMAIN", "DISK", "BUS", "DISCARD", "VERDICT", "REASON")]
+    for a in audits:
+        rows.append(
+            (
+                a.name,
+                "(agent)",
+                "-",
+                "-",
+                a.agent.verdict.value,
+                _shorten(_first_line(a.agent.reasons), reason_width),
+            )
+        )
+        for d in a.disks:
+            bus = d.bus + (f"/{d.controller_model}" if d.controller_model else "")
+            discard = d.discard if d.discard_explicit else f"{d.discard}*"
+            verdict = d.verdict.value + (" (pending)" if d.differs else "")
+            rows.append(
+                (
+                    a.name,
+                    d.target,
+                    bus,
+                    discard,
+                    verdict,
+                    _shorten(_first_line(d.reasons), reason_width),
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    ]
+    if any(not d.discard_explicit for a in audits for d in a.disks):
+        lines.append("* no discard attribute in the XML: libvirt's default, 'ignore'")
+    details = [_details(a) for a in audits]
+    body = "\n".join(lines)
+    extra = "\n\n".join(d for d in details if d)
+    ready = sum(a.ready for a in audits)
+    summary = f"{ready} of {len(audits)} domain(s) ready for trim"
+    return "\n\n".join(p for p in (body, extra, summary) if p) + "\n"
+
+
+def _details(a: DomainAudit) -> str:
+    out: list[str] = []
+    state = "running" if a.running else "shut off"
+    head = f"{a.name} ({state}, machine {a.machine or 'unknown'}): "
+    head += "ready" if a.ready else "NOT ready"
+    out.append(head)
+    out.extend(f"  note: {n}" for n in a.notes)
+    ag = a.agent
+    if ag.reasons or ag.notes:
+        out.append(f"  agent: {ag.verdict.value}")
+        out.extend(f"    - {r}" for r in ag.reasons)
+        out.extend(f"    note: {n}" for n in ag.notes)
+        if ag.fix:
+            out.append(f"    fix: {ag.fix}")
+    for d in a.disks:
+        src = d.source or "-"
+        out.append(
+            f"  {d.target}: {d.verdict.value} ({d.bus}, {d.source_type or '?'} {src}, "
+            f"format {d.format or '?'}, discard={d.discard}, "
+            f"detect_zeroes={d.detect_zeroes or 'off'})"
+        )
+        out.extend(f"    - {r}" for r in d.reasons)
+        out.extend(f"    note: {n}" for n in d.notes)
+        if d.fix:
+            out.append(f"    fix: {d.fix}")
+        if d.pending:
+            out.append(f"    pending: {d.pending}")
+    if a.next_step:
+        out.append(f"  then: {a.next_step}")
+    return "\n".join(out)
+
+
+def audit_to_json(audits: Sequence[DomainAudit]) -> dict[str, Any]:
+    """JSON-ready dict: {"ready": bool, "domains": [...]} with every field of every audit."""
+    domains: list[dict[str, Any]] = []
+    for a in audits:
+        domains.append(
+            {
+                "name": a.name,
+                "running": a.running,
+                "machine": a.machine,
+                "ready": a.ready,
+                "notes": list(a.notes),
+                "next_step": a.next_step,
+                "agent": {
+                    "configured": a.agent.configured,
+                    "state": a.agent.state,
+                    "verdict": a.agent.verdict.value,
+                    "reasons": list(a.agent.reasons),
+                    "notes": list(a.agent.notes),
+                    "fix": a.agent.fix,
+                },
+                "disks": [
+                    {
+                        "target": d.target,
+                        "device": d.device,
+                        "bus": d.bus,
+                        "controller_model": d.controller_model,
+                        "source_type": d.source_type,
+                        "source": d.source,
+                        "format": d.format,
+                        "discard": d.discard,
+                        "discard_explicit": d.discard_explicit,
+                        "detect_zeroes": d.detect_zeroes,
+                        "verdict": d.verdict.value,
+                        "reasons": list(d.reasons),
+                        "notes": list(d.notes),
+                        "fix": d.fix,
+                        "differs": d.differs,
+                        "persistent_verdict": (
+                            None if d.persistent_verdict is None else d.persistent_verdict.value
+                        ),
+                        "pending": d.pending,
+                    }
+                    for d in a.disks
+                ],
+            }
+        )
+    return {"ready": all(a.ready for a in audits), "domains": domains}
