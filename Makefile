@@ -1,0 +1,48 @@
+# virt-trimd developer entry points. Run as root on a Debian/Ubuntu host.
+PYTHON ?= python3
+export PYTHONPATH := $(CURDIR)/daemon:$(CURDIR)/tests
+
+.PHONY: help install deps lint test test-fast test-e2e demo bench bench-smoke example-config clean
+
+help:
+	@echo "make demo        install what is missing, boot a throwaway guest, trim it, show metrics"
+	@echo "make test        ruff, mypy and the whole pytest suite (end-to-end included)"
+	@echo "make test-fast   unit and integration tiers only (no guests)"
+	@echo "make bench       benchmarks on the real rig (slow); bench-smoke for a quick pass"
+	@echo "make install     pip install the package (console script virt-trimd)"
+
+deps:
+	bash .ci/install-deps.sh
+
+install:
+	$(PYTHON) -m pip install .
+
+lint:
+	ruff check daemon tests
+	ruff format --check daemon tests
+	mypy
+
+test: deps lint
+	$(PYTHON) -m pytest tests -v -p no:cacheprovider --durations=15
+
+test-fast: lint
+	$(PYTHON) -m pytest tests/unit tests/integration -q
+
+test-e2e: deps
+	$(PYTHON) -m pytest tests/e2e -v
+
+demo: deps
+	$(PYTHON) tests/demo.py
+
+bench: deps
+	$(PYTHON) -m bench
+
+bench-smoke: deps
+	$(PYTHON) -m bench --smoke
+
+example-config:
+	$(PYTHON) -m virt_trimd.config > config/virt-trimd.example.yaml
+
+clean:
+	PYTHONPATH=tests $(PYTHON) -m rig down || true
+	rm -rf .rig-cache build dist *.egg-info

@@ -1,0 +1,417 @@
+"""Command-line entry point: parses arguments, calls the library, prints results.
+
+The only module that prints. Exit status: 0 fine, 1 a domain or the daemon
+failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from prometheus_client import generate_latest
+from tzlocal import get_localzone
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .history import History, HistoryError
+from .hypervisor import Hypervisor, HypervisorError, Outcome
+from .measure import Measurer, QemuImgLimits
+from .records import DomainInfo, SweepSummary, TrimRecord
+from .schedule import fire_times
+from .service import StartupError, run_daemon, run_once
+from .sweep import run_sweep, select_domains
+from .trim import DomainTrimmer, TrimOptions
+from .units import format_bytes, format_duration, parse_duration
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG = Path("/etc/virt-trimd/config.yaml")
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: exit status 2."""
+
+
+def setup_logging(level: str, force_stderr: bool = False) -> None:
+    """Configure the root logger once: journald under systemd, stderr otherwise."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level.upper())
+    handler: logging.Handler | None = None
+    # systemd sets JOURNAL_STREAM for services whose stderr goes to the journal.
+    if not force_stderr and os.environ.get("JOURNAL_STREAM"):
+        try:
+            from systemd.journal import JournalHandler  # noqa: PLC0415  (only under systemd)
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER="virt-trimd")
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def _load(args: argparse.Namespace, required: bool = False) -> Config:
+    path: Path | None = getattr(args, "config", None)
+    if path is None and required:
+        path = DEFAULT_CONFIG
+    config = Config.default() if path is None else load_config(path)
+    uri = getattr(args, "connect", None)
+    if uri:
+        config = dataclasses.replace(config, libvirt_uri=uri)
+    return config
+
+
+# -- trim ---------------------------------------------------------------------------
+
+
+def _resolve_domains(hv: Hypervisor, names: Sequence[str], all_running: bool) -> list[DomainInfo]:
+    if all_running:
+        return sorted((d for d in hv.list_domains() if d.running), key=lambda d: d.name)
+    out: list[DomainInfo] = []
+    unknown: list[str] = []
+    for name in names:
+        try:
+            out.append(hv.domain(name))
+        except HypervisorError as exc:
+            if exc.outcome is Outcome.NO_DOMAIN:
+                unknown.append(name)
+            else:
+                raise
+    if unknown:
+        raise UsageError(
+            "unknown domain(s): "
+            + ", ".join(repr(n) for n in unknown)
+            + f" (not defined on {hv.uri}; `virsh list --all` shows what is)"
+        )
+    return out
+
+
+def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd trim`: trim named or all running domains once."""
+    config = _load(args)
+    if not args.all and not args.domains:
+        raise UsageError("name at least one DOMAIN, or pass --all")
+    if args.all and args.domains:
+        raise UsageError("--all and DOMAIN names are mutually exclusive")
+    timeout = config.agent_timeout_seconds
+    if args.timeout is not None:
+        try:
+            timeout = parse_duration(args.timeout)
+        except ValueError as exc:
+            raise UsageError(f"--timeout: {exc}") from exc
+        if timeout <= 0:
+            raise UsageError("--timeout must be positive")
+    hv = Hypervisor(config.libvirt_uri)
+    try:
+        hv.connect()
+        domains = _resolve_domains(hv, args.domains, args.all)
+        measurer = Measurer(_limits(config))
+        trimmer = DomainTrimmer(hv, measurer)
+        opts = TrimOptions(
+            timeout_seconds=timeout,
+            minimum_bytes=args.minimum if args.minimum is not None else 0,
+            dry_run=args.dry_run,
+            min_residual_bytes=config.effectiveness.min_residual_bytes,
+            residual_ratio=config.effectiveness.residual_ratio,
+        )
+        summary = run_sweep(trimmer, domains, opts, concurrency=args.concurrency)
+    except HypervisorError as exc:
+        print(f"virt-trimd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        hv.close()
+    if args.json:
+        json.dump(summary_json(summary), out, indent=2, sort_keys=False)
+        out.write("\n")
+    else:
+        out.write(format_table(summary.records))
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _limits(config: Config) -> QemuImgLimits:
+    return QemuImgLimits(
+        timeout_seconds=config.qemu_img.timeout_seconds,
+        cpu_seconds=config.qemu_img.cpu_seconds,
+        address_space_bytes=config.qemu_img.address_space_bytes,
+    )
+
+
+def summary_json(summary: SweepSummary) -> dict[str, Any]:
+    """The `--json` document: every record plus the grand total."""
+    return {
+        "domains": [r.to_dict() for r in summary.records],
+        "reclaimed_bytes": summary.reclaimed_bytes,
+    }
+
+
+def safe_cell(text: str, limit: int = 40) -> str:
+    """Printable, single-line text for a table cell (names may hold newlines)."""
+    cleaned = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+
+
+def format_table(records: Sequence[TrimRecord]) -> str:
+    """Readable before/after table, one row per disk."""
+    header = ("DOMAIN", "DISK", "BEFORE", "AFTER", "RECLAIMED", "RESULT")
+    rows: list[tuple[str, ...]] = []
+    for rec in records:
+        if not rec.disks:
+            rows.append((safe_cell(rec.domain), "-", "-", "-", "-", rec.result.value))
+        for d in rec.disks:
+            reclaimed = format_bytes(d.reclaimed_bytes) if d.not_measured is None else "n/a"
+            rows.append(
+                (
+                    safe_cell(rec.domain),
+                    safe_cell(d.disk, 12),
+                    format_bytes(d.allocated_before),
+                    format_bytes(d.allocated_after),
+                    reclaimed,
+                    rec.result.value,
+                )
+            )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    total = sum(r.reclaimed_bytes for r in records)
+    lines.append(f"total reclaimed: {format_bytes(total)} over {len(records)} domain(s)")
+    notes = [
+        f"{safe_cell(r.domain)}: {safe_cell(r.message, 200)}"
+        for r in records
+        if r.result.value not in ("success",)
+    ]
+    if notes:
+        lines.append("")
+        lines.extend(notes)
+    return "\n".join(lines) + "\n"
+
+
+# -- check-config -----------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd check-config`: validate the file, print every error."""
+    path = args.config or DEFAULT_CONFIG
+    config = load_config(path)
+    out.write(f"{path}: OK, {len(config.schedules)} schedule(s)\n")
+    return EXIT_OK
+
+
+# -- run / schedules / history -----------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd run`: the daemon, or with --once every schedule's sweep now."""
+    path = args.config or DEFAULT_CONFIG
+    if not args.once:
+        try:
+            return run_daemon(path)
+        except StartupError as exc:
+            print(f"virt-trimd: cannot start: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    config = load_config(path)
+    if not config.schedules:
+        raise UsageError(f"{path}: no schedules configured; nothing to run")
+    try:
+        summary, daemon = run_once(config, path)
+    except HypervisorError as exc:
+        print(f"virt-trimd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        json.dump(summary_json(summary), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_table(summary.records))
+    if args.print_metrics:
+        out.write("\n" + generate_latest(daemon.registry).decode())
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd schedules`: next fire times and the running domains each matches."""
+    config = _load(args, required=True)
+    tz = get_localzone()
+    now = dt.datetime.now(tz)
+    domains: list[DomainInfo] | None = None
+    hv = Hypervisor(config.libvirt_uri)
+    try:
+        hv.connect()
+        domains = [d for d in hv.list_domains() if d.running]
+    except HypervisorError as exc:
+        out.write(f"(libvirt unavailable, domains not shown: {exc.message})\n")
+    finally:
+        hv.close()
+    if not config.schedules:
+        out.write("no schedules configured\n")
+    for sched in config.schedules:
+        how = (
+            f"cron {sched.cron!r}"
+            if sched.cron
+            else f"every {format_duration(sched.every_seconds or 0)}"
+        )
+        out.write(
+            f"{sched.name}: {how}, window {format_duration(sched.window_seconds)}, "
+            f"concurrency {sched.concurrency}, timeout {format_duration(sched.timeout_seconds)}\n"
+        )
+        for when in fire_times(sched, tz, now, args.count):
+            out.write(f"  next: {when.isoformat(timespec='seconds')}\n")
+        if domains is not None:
+            names = [
+                safe_cell(d.name) for d in select_domains(domains, sched.domains, sched.exclude)
+            ]
+            out.write(f"  domains ({len(names)}): {', '.join(names) or '-'}\n")
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd history`: past trims from the SQLite store."""
+    config = _load(args, required=args.config is not None)
+    state_dir = args.state_dir or config.state_dir
+    since_ts = None
+    if args.since:
+        try:
+            since_ts = time.time() - parse_duration(args.since)
+        except ValueError as exc:
+            raise UsageError(f"--since: {exc}") from exc
+    try:
+        with History(state_dir, readonly=True) as hist:
+            records = hist.query(domain=args.domain, since_ts=since_ts, limit=args.limit)
+    except HistoryError as exc:
+        print(f"virt-trimd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        json.dump({"trims": [r.to_dict() for r in records]}, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    header = ("STARTED", "DOMAIN", "SCHEDULE", "RESULT", "RECLAIMED", "DURATION")
+    rows = [
+        (
+            r.started_at,
+            safe_cell(r.domain),
+            safe_cell(r.schedule or "-", 20),
+            r.result.value,
+            format_bytes(r.reclaimed_bytes),
+            format_duration(r.duration_seconds),
+        )
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    return EXIT_OK
+
+
+# -- argument parsing --------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="virt-trimd",
+        description="Scheduled guest fstrim for libvirt hosts, measured on the host.",
+    )
+    parser.add_argument("--version", action="version", version=f"virt-trimd {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity on stderr (default WARNING; `run` defaults to INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("trim", help="trim domains once and print what was reclaimed")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN")
+    p.add_argument("--all", action="store_true", help="every running domain")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI (default from config)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
+    p.add_argument("--dry-run", action="store_true", help="measure only, send no trim")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--timeout", metavar="DURATION", help="per-guest fstrim timeout (e.g. 10m)")
+    p.add_argument("--minimum", type=int, metavar="BYTES", help="guest-fstrim minimum extent")
+    p.add_argument(
+        "--concurrency", type=int, default=1, metavar="N", help="guests trimmed at once (default 1)"
+    )
+    p.set_defaults(func=cmd_trim)
+
+    p = sub.add_parser("run", help="the daemon (systemd service), or --once for cron")
+    p.add_argument(
+        "--config", type=Path, metavar="FILE", help=f"YAML configuration (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="run every schedule's sweep now, ignoring windows, print, exit",
+    )
+    p.add_argument("--json", action="store_true", help="with --once: one JSON document")
+    p.add_argument(
+        "--print-metrics",
+        action="store_true",
+        help="with --once: also print the Prometheus exposition",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schedules", help="next fire times and matching domains")
+    p.add_argument(
+        "--config", type=Path, metavar="FILE", help=f"YAML configuration (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--connect", metavar="URI", help="libvirt URI (default from config)")
+    p.add_argument("--count", type=int, default=3, metavar="N", help="fire times to show")
+    p.set_defaults(func=cmd_schedules)
+
+    p = sub.add_parser("history", help="past trims from the history store")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration (state_dir)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="override state_dir")
+    p.add_argument("--domain", metavar="NAME", help="only this domain")
+    p.add_argument("--since", metavar="DURATION", help="only trims newer than this (e.g. 7d)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N rows (newest)")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("check-config", help="validate the configuration file")
+    p.add_argument(
+        "--config", type=Path, metavar="FILE", help=f"YAML configuration (default {DEFAULT_CONFIG})"
+    )
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of the `virt-trimd` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    level = args.log_level
+    if args.command == "run" and "--log-level" not in (argv or sys.argv):
+        level = "INFO"
+    setup_logging(level)
+    try:
+        return int(args.func(args, out))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"virt-trimd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

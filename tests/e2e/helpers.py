@@ -1,0 +1,62 @@
+"""Helpers shared by the product's end-to-end tests: run the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+QCOW2_CLUSTER = 64 * 1024
+MIB = 1 << 20
+
+
+def cli_env() -> dict[str, str]:
+    """Environment that runs this checkout's package, whatever is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "daemon"), env.get("PYTHONPATH", "")])
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("JOURNAL_STREAM", None)
+    return env
+
+
+def virt_trimd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `virt-trimd ARGS` from this checkout and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "virt_trimd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
+        check=False,
+    )
+
+
+def trim_json(*args: str, timeout: float = 300) -> tuple[int, dict[str, Any], str]:
+    """Run `virt-trimd trim --json ARGS`; return exit status, parsed JSON and stderr."""
+    proc = virt_trimd("trim", "--json", *args, timeout=timeout)
+    try:
+        doc = json.loads(proc.stdout)
+    except ValueError as exc:
+        raise AssertionError(
+            f"stdout is not one JSON document (exit {proc.returncode}):\n"
+            f"{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+        ) from exc
+    return proc.returncode, doc, proc.stderr
+
+
+def stat_allocated(path: Path) -> int:
+    """Independent measurement: what the host filesystem holds for the image."""
+    return os.stat(path).st_blocks * 512
+
+
+def record_of(doc: dict[str, Any], domain: str) -> dict[str, Any]:
+    """The record for one domain in a `--json` document."""
+    matches = [r for r in doc["domains"] if r["domain"] == domain]
+    assert len(matches) == 1, (
+        f"{domain} not exactly once in {[r['domain'] for r in doc['domains']]}"
+    )
+    return matches[0]

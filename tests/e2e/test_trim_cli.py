@@ -1,0 +1,186 @@
+"""`virt-trimd trim` against real guests, checked against independent os.stat."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+import rig
+from e2e.helpers import MIB, QCOW2_CLUSTER, record_of, stat_allocated, trim_json, virt_trimd
+from rig import DiskSpec, GuestSpec
+
+SCSI = GuestSpec("cli-scsi", disks=(DiskSpec(fmt="qcow2", bus="scsi", discard="unmap"),))
+TWO = GuestSpec(
+    "cli-two",
+    disks=(
+        DiskSpec(fmt="qcow2", bus="virtio", discard="unmap", garbage_mib=120),
+        DiskSpec(fmt="raw", bus="scsi", discard="unmap", garbage_mib=150),
+    ),
+)
+NOAGENT = GuestSpec("cli-noagent", disks=(DiskSpec(garbage_mib=0, size_mib=128),), agent="none")
+SILENT = GuestSpec(
+    "cli-silent", disks=(DiskSpec(garbage_mib=0, size_mib=128),), agent="channel_only"
+)
+OFF = GuestSpec("cli-off", disks=(DiskSpec(garbage_mib=0, size_mib=128),))
+
+
+@pytest.fixture(scope="module")
+def guests(
+    libvirt_conn: libvirt.virConnect,
+    rig_boot: rig.BootFiles,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, rig.GuestHandle]]:
+    """All guests of this module, booted in parallel once; OFF is shut off after boot."""
+    specs = [SCSI, TWO, NOAGENT, SILENT, OFF]
+    try:
+        handles = rig.start_guests(libvirt_conn, specs, tmp_path_factory.mktemp("cli"), rig_boot)
+        by_name = {h.spec.name: h for h in handles}
+        by_name["cli-off"].dom.destroy()
+        yield by_name
+    finally:
+        for spec in specs:
+            rig.destroy_guest(libvirt_conn, spec.domain_name)
+
+
+def test_dry_run_measures_and_changes_nothing(guests: dict[str, rig.GuestHandle]) -> None:
+    g = guests["cli-scsi"]
+    image = g.images[0]
+    before = stat_allocated(image)
+    status, doc, _ = trim_json("--dry-run", g.name)
+    after = stat_allocated(image)
+    assert status == 0
+    rec = record_of(doc, g.name)
+    assert rec["result"] == "skipped" and rec["dry_run"] is True
+    assert rec["filesystems"] == []
+    (disk,) = rec["disks"]
+    assert abs(disk["allocated_before"] - before) <= QCOW2_CLUSTER
+    assert disk["allocated_after"] is None and disk["reclaimed_bytes"] is None
+    assert after == before  # nothing on disk changed
+    assert before >= 200 * MIB  # the garbage is still there to reclaim
+
+
+def test_qcow2_virtio_scsi_reclaim_matches_os_stat(guests: dict[str, rig.GuestHandle]) -> None:
+    g = guests["cli-scsi"]
+    image = g.images[0]
+    before = stat_allocated(image)
+    status, doc, stderr = trim_json(g.name)
+    after = stat_allocated(image)
+    assert status == 0, stderr
+    rec = record_of(doc, g.name)
+    assert rec["result"] == "success", rec["message"]
+    independent = before - after
+    assert independent >= 150 * MIB, "the rig's garbage did not come back"
+    (disk,) = rec["disks"]
+    assert (disk["disk"], disk["bus"], disk["format"], disk["discard"]) == (
+        "sda",
+        "scsi",
+        "qcow2",
+        "unmap",
+    )
+    assert disk["path"] == str(image)
+    assert abs(disk["reclaimed_bytes"] - independent) <= QCOW2_CLUSTER
+    assert disk["allocated_after"] == after
+    assert disk["virtual_size"] == 1024 * MIB
+    assert disk["file_size"] == image.stat().st_size
+    assert rec["reclaimed_bytes"] == disk["reclaimed_bytes"]
+    assert doc["reclaimed_bytes"] == rec["reclaimed_bytes"]
+    trimmed = [f for f in rec["filesystems"] if f["trimmed_bytes"]]
+    assert trimmed and rec["guest_trimmed_bytes"] >= 150 * MIB
+    assert rec["started_at"].endswith("Z") and rec["duration_seconds"] > 0
+
+
+def test_two_disks_virtio_blk_and_raw(guests: dict[str, rig.GuestHandle]) -> None:
+    g = guests["cli-two"]
+    before = [stat_allocated(p) for p in g.images]
+    status, doc, stderr = trim_json(g.name)
+    after = [stat_allocated(p) for p in g.images]
+    assert status == 0, stderr
+    rec = record_of(doc, g.name)
+    assert rec["result"] == "success", rec["message"]
+    disks = {d["disk"]: d for d in rec["disks"]}
+    assert set(disks) == {"vda", "sda"}
+    assert (disks["vda"]["bus"], disks["vda"]["format"]) == ("virtio", "qcow2")
+    assert (disks["sda"]["bus"], disks["sda"]["format"]) == ("scsi", "raw")
+    for target, i, garbage in (("vda", 0, 120), ("sda", 1, 150)):
+        independent = before[i] - after[i]
+        assert independent >= (garbage - 30) * MIB, f"{target}: {independent}"
+        assert abs(disks[target]["reclaimed_bytes"] - independent) <= QCOW2_CLUSTER
+    assert disks["sda"]["virtual_size"] == disks["sda"]["file_size"] == 1024 * MIB
+    assert rec["reclaimed_bytes"] == sum(d["reclaimed_bytes"] for d in rec["disks"])
+
+
+def test_no_agent_channel_is_agent_missing(guests: dict[str, rig.GuestHandle]) -> None:
+    g = guests["cli-noagent"]
+    status, doc, _ = trim_json(g.name)
+    rec = record_of(doc, g.name)
+    assert rec["result"] == "agent_missing"
+    assert "org.qemu.guest_agent.0" in rec["message"]
+    assert status == 0  # missing agent is a configuration finding, not a failure
+    assert rec["disks"][0]["allocated_before"] > 0
+
+
+def test_channel_without_agent_is_unavailable_within_timeout(
+    guests: dict[str, rig.GuestHandle],
+) -> None:
+    g = guests["cli-silent"]
+    status, doc, _ = trim_json("--timeout", "20s", g.name, timeout=60)
+    rec = record_of(doc, g.name)
+    assert rec["result"] == "agent_unavailable", rec["message"]
+    assert rec["duration_seconds"] < 20
+    assert status == 1
+
+
+def test_shut_off_domain_is_not_running(guests: dict[str, rig.GuestHandle]) -> None:
+    g = guests["cli-off"]
+    status, doc, _ = trim_json(g.name)
+    assert record_of(doc, g.name)["result"] == "not_running"
+    assert status == 0
+
+
+def test_unknown_domain_is_a_usage_error(guests: dict[str, rig.GuestHandle]) -> None:
+    proc = virt_trimd("trim", rig.TEST_PREFIX + "does-not-exist")
+    assert proc.returncode == 2
+    assert "unknown domain" in proc.stderr and "does-not-exist" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_table_output(guests: dict[str, rig.GuestHandle]) -> None:
+    g = guests["cli-scsi"]
+    proc = virt_trimd("trim", "--dry-run", g.name)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["DOMAIN", "DISK", "BEFORE", "AFTER", "RECLAIMED", "RESULT"]
+    assert lines[1].split()[:2] == [g.name, "sda"] and lines[1].split()[-1] == "skipped"
+    assert "MiB" in lines[1] and "total reclaimed" in proc.stdout
+
+
+def test_all_running_json(
+    guests: dict[str, rig.GuestHandle], libvirt_conn: libvirt.virConnect
+) -> None:
+    running = [
+        d.name() for d in libvirt_conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    ]
+    foreign = [n for n in running if not n.startswith(rig.TEST_PREFIX)]
+    if foreign:
+        pytest.skip(f"--all would touch non-test domains on this host: {foreign}")
+    images = {p: stat_allocated(p) for h in guests.values() for p in h.images}
+    status, doc, _ = trim_json("--all", "--timeout", "20s", timeout=120)
+    after = {p: stat_allocated(p) for p in images}
+    names = {r["domain"] for r in doc["domains"]}
+    assert names == set(running)  # running only: the shut-off guest is not listed
+    assert guests["cli-off"].name not in names
+    independent = sum(images[p] - after[p] for p in images)
+    assert abs(doc["reclaimed_bytes"] - independent) <= QCOW2_CLUSTER * len(images)
+    assert status == 1  # cli-silent is agent_unavailable
+
+
+def test_bad_config_is_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("libvirt:\n  uri: 5\nbogus: 1\n")
+    proc = virt_trimd("trim", "--config", str(cfg), "--all")
+    assert proc.returncode == 2
+    assert f"{cfg}:3: " in proc.stderr and "unknown key 'bogus'" in proc.stderr
+    assert f"{cfg}:2: libvirt.uri" in proc.stderr
