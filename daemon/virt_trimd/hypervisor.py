@@ -161,6 +161,13 @@ class Hypervisor:
         except libvirt.libvirtError:
             return False
 
+    def qemu_version(self) -> tuple[int, int, int] | None:
+        """The hypervisor (QEMU) version libvirt reports, e.g. (7, 2, 22)."""
+        conn = self._connection()
+        with self._call("reading hypervisor version"):
+            v = int(conn.getVersion())
+        return (v // 1_000_000, v // 1000 % 1000, v % 1000) if v > 0 else None
+
     def close(self) -> None:
         """Close the connection (idempotent)."""
         with self._lock:

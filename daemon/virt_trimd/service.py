@@ -1,0 +1,536 @@
+"""The always-on daemon: owns the main loop, signals, reloads, sd_notify and watchdog.
+
+Signal handlers only set flags; the main loop acts on them. A reload validates
+the new file first and swaps schedules only when it is valid (tuned does the
+opposite and stops working on a bad file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+from tzlocal import get_localzone
+
+from . import __version__
+from .audit import discard_ready
+from .config import Config, ConfigError, ScheduleConfig, check_file_permissions, load_config
+from .domxml import trimmable_disks
+from .history import History, HistoryError
+from .hypervisor import Hypervisor, HypervisorError, Outcome
+from .measure import MeasureError, Measurer, QemuImgLimits
+from .metrics import TrimdCollector
+from .notify import Notifier
+from .records import DomainInfo, SweepSummary, TrimRecord
+from .schedule import build_trigger, catch_up_due, spread_offset
+from .state import DiskState, State
+from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
+from .trim import DomainTrimmer, TrimOptions, guest_used_by_disk
+from .units import format_bytes
+from .webserver import MetricsServer, start_metrics_server
+
+log = logging.getLogger(__name__)
+
+LOOP_TICK_SECONDS = 1.0
+LIBVIRT_CHECK_SECONDS = 5.0
+MAX_RECONNECT_BACKOFF_SECONDS = 60.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start (bad config, port taken); exit non-zero so systemd restarts."""
+
+
+@dataclass
+class _Flags:
+    reload: bool = False
+    stop: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+def _limits(config: Config) -> QemuImgLimits:
+    return QemuImgLimits(
+        timeout_seconds=config.qemu_img.timeout_seconds,
+        cpu_seconds=config.qemu_img.cpu_seconds,
+        address_space_bytes=config.qemu_img.address_space_bytes,
+    )
+
+
+class Daemon:
+    """Everything `virt-trimd run` keeps alive, wired together."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None,
+        notifier: Notifier | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.hostname = hostname or socket.gethostname()
+        self.tz: dt.tzinfo = get_localzone()
+        self.state = State()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(TrimdCollector(self.state, __version__))
+        self.hv = Hypervisor(config.libvirt_uri)
+        self.measurer = Measurer(_limits(config))
+        self.trimmer = DomainTrimmer(self.hv, self.measurer)
+        self.locks = DomainLocks()
+        self.stop_event = threading.Event()
+        self.flags = _Flags()
+        self.history: History | None = None
+        self.server: MetricsServer | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self._sweep_locks: dict[str, threading.Lock] = {}
+        self._qemu_version: tuple[int, int, int] | None = None
+        self._last_summary: str = "no sweep yet"
+        self._next_libvirt_check = 0.0
+        self._reconnect_backoff = 1.0
+
+    # -- start-up ------------------------------------------------------------------
+
+    def open_history(self) -> None:
+        """Open the history store; failure is logged and exported, not fatal."""
+        try:
+            self.history = History(self.config.state_dir)
+        except HistoryError as exc:
+            log.error("history unavailable, trimming goes on without it: %s", exc)
+            self.state.set_history_ok(False)
+            self.history = None
+            return
+        try:
+            self.state.restore_last_success(self.history.last_success_by_domain())
+            horizon = max((s.min_interval_seconds for s in self.config.schedules), default=0.0)
+            if horizon > 0:
+                for rec in self.history.query(since_ts=time.time() - horizon):
+                    if rec.result in TRIM_ATTEMPTED and not rec.dry_run:
+                        self.locks.release(rec.uuid, _finished(rec))
+        except HistoryError as exc:
+            log.error("cannot read history: %s", exc)
+
+    def start_metrics(self) -> None:
+        """Bind the metrics port; raises StartupError so a taken port fails the start."""
+        m = self.config.metrics
+        try:
+            self.server = start_metrics_server(
+                self.registry, m.listen_host, m.listen_port, m.web_config_file
+            )
+        except Exception as exc:  # MetricsServerError, WebConfigError
+            raise StartupError(str(exc)) from exc
+        log.info("metrics on %s", self.server.url)
+
+    def connect_libvirt(self) -> bool:
+        """Try to (re)connect; export libvirt_up; never raises."""
+        try:
+            self.hv.connect()
+            if self._qemu_version is None:
+                self._qemu_version = self.hv.qemu_version()
+        except HypervisorError as exc:
+            log.warning("libvirt unavailable: %s", exc.message)
+            self.state.set_libvirt_up(False)
+            return False
+        self.state.set_libvirt_up(True)
+        return True
+
+    def start_scheduler(self) -> None:
+        """Start APScheduler with one job per schedule plus the census."""
+        self.scheduler = BackgroundScheduler(
+            timezone=self.tz,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+            executors={"default": {"type": "threadpool", "max_workers": 8}},
+        )
+        self.scheduler.start()
+        self._install_jobs()
+
+    def _install_jobs(self) -> None:
+        assert self.scheduler is not None
+        self.scheduler.remove_all_jobs()
+        for sched in self.config.schedules:
+            self._sweep_locks.setdefault(sched.name, threading.Lock())
+            self.scheduler.add_job(
+                self.run_schedule,
+                build_trigger(sched, self.tz),
+                args=[sched.name],
+                id=f"schedule:{sched.name}",
+                name=sched.name,
+            )
+        if self.config.census_interval_seconds > 0:
+            self.scheduler.add_job(
+                self.census,
+                "interval",
+                seconds=self.config.census_interval_seconds,
+                id="census",
+                next_run_time=dt.datetime.now(self.tz),
+            )
+        self.state.retain_schedules([s.name for s in self.config.schedules])
+        self._refresh_next_runs()
+
+    def catch_up(self) -> None:
+        """Run, once, every schedule that fell due while the daemon was down."""
+        if self.history is None or self.scheduler is None:
+            return
+        try:
+            last = self.history.last_sweep_by_schedule()
+        except HistoryError as exc:
+            log.error("cannot read history for catch-up: %s", exc)
+            return
+        now = time.time()
+        for sched in self.config.schedules:
+            if catch_up_due(sched, self.tz, last.get(sched.name), now):
+                log.info(
+                    "schedule %s missed a run while the daemon was down; running now", sched.name
+                )
+                self.scheduler.add_job(
+                    self.run_schedule,
+                    "date",
+                    run_date=dt.datetime.now(self.tz),
+                    args=[sched.name],
+                    id=f"catchup:{sched.name}",
+                    replace_existing=True,
+                )
+
+    # -- work ----------------------------------------------------------------------
+
+    def _schedule(self, name: str) -> ScheduleConfig | None:
+        return next((s for s in self.config.schedules if s.name == name), None)
+
+    def _list_domains(self) -> list[DomainInfo] | None:
+        try:
+            domains = self.hv.list_domains()
+        except HypervisorError as exc:
+            log.warning("cannot list domains: %s", exc.message)
+            self.state.set_libvirt_up(False)
+            return None
+        self.state.set_libvirt_up(True)
+        self.state.retain_domains([d.name for d in domains])
+        return domains
+
+    def run_schedule(self, name: str, ignore_window: bool = False) -> SweepSummary | None:
+        """One sweep of one schedule; never raises."""
+        lock = self._sweep_locks.setdefault(name, threading.Lock())
+        if not lock.acquire(blocking=False):
+            log.info("schedule %s is still running; this run is skipped", name)
+            return None
+        try:
+            sched = self._schedule(name)
+            if sched is None or self.stop_event.is_set():
+                return None
+            return self._sweep(sched, ignore_window)
+        except Exception:
+            log.exception("sweep of schedule %s failed", name)
+            return None
+        finally:
+            lock.release()
+            self._refresh_next_runs()
+
+    def _sweep(self, sched: ScheduleConfig, ignore_window: bool) -> SweepSummary | None:
+        started = time.time()
+        domains = self._list_domains()
+        if domains is None:
+            return None
+        picked = select_domains((d for d in domains if d.running), sched.domains, sched.exclude)
+        log.info("schedule %s: %d running domain(s) match", sched.name, len(picked))
+        window = 0.0 if ignore_window else sched.window_seconds
+
+        def delay_for(dom: DomainInfo) -> float:
+            return spread_offset(self.hostname, sched.name, dom.uuid, window)
+
+        opts = TrimOptions(
+            timeout_seconds=sched.timeout_seconds,
+            minimum_bytes=sched.minimum_bytes,
+            schedule=sched.name,
+            min_residual_bytes=self.config.effectiveness.min_residual_bytes,
+            residual_ratio=self.config.effectiveness.residual_ratio,
+        )
+        summary = run_sweep(
+            self.trimmer,
+            picked,
+            opts,
+            concurrency=sched.concurrency,
+            locks=self.locks,
+            min_interval_seconds=sched.min_interval_seconds,
+            delay_for=delay_for if window > 0 else None,
+            on_record=self.record,
+            stop=self.stop_event,
+        )
+        finished = time.time()
+        self.state.observe_sweep(sched.name, summary, finished)
+        if self.history is not None and not self.stop_event.is_set():
+            try:
+                self.history.append_sweep(
+                    sched.name, started, finished, len(summary.records), summary.reclaimed_bytes
+                )
+            except HistoryError as exc:
+                log.error("cannot write sweep to history: %s", exc)
+                self.state.set_history_ok(False)
+        self._last_summary = (
+            f"last sweep {sched.name}: {len(summary.records)} domain(s), "
+            f"{format_bytes(summary.reclaimed_bytes)} reclaimed"
+        )
+        log.info("%s", self._last_summary)
+        return summary
+
+    def record(self, rec: TrimRecord) -> None:
+        """Store one trim: history first (crash safety), then in-memory metrics."""
+        if self.history is not None:
+            try:
+                self.history.append(rec)
+                self.state.set_history_ok(True)
+            except HistoryError as exc:
+                log.error("cannot write history: %s", exc)
+                self.state.set_history_ok(False)
+        else:
+            self.state.set_history_ok(False)
+        self.state.observe_trim(rec)
+
+    def census(self) -> None:
+        """Refresh allocation, readiness and reclaimable gauges without trimming."""
+        domains = self._list_domains()
+        if domains is None:
+            return
+        paths: set[str] = set()
+        for dom in domains:
+            if self.stop_event.is_set():
+                return
+            used: dict[str, int] = {}
+            if dom.running and dom.agent.configured and dom.agent.state == "connected":
+                try:
+                    used = guest_used_by_disk(self.hv.guest_filesystems(dom.uuid))
+                except HypervisorError as exc:
+                    log.debug("%s: no guest filesystem info: %s", dom.name, exc.message)
+            disks: list[DiskState] = []
+            for disk in trimmable_disks(dom.disks):
+                alloc = None
+                if disk.is_file and disk.source_path:
+                    paths.add(disk.source_path)
+                    try:
+                        alloc = self.measurer.allocation(disk.source_path, disk.driver_format)
+                    except MeasureError as exc:
+                        log.debug("%s/%s: %s", dom.name, disk.target, exc)
+                allocated = alloc.allocated_bytes if alloc else None
+                guest_used = used.get(disk.target)
+                disks.append(
+                    DiskState(
+                        domain=dom.name,
+                        disk=disk.target,
+                        path=disk.source_path,
+                        format=disk.driver_format,
+                        bus=disk.bus,
+                        discard=disk.discard,
+                        allocated_bytes=allocated,
+                        virtual_bytes=alloc.virtual_bytes if alloc else None,
+                        file_bytes=alloc.file_bytes if alloc else None,
+                        discard_ready=discard_ready(disk, dom.machine, self._qemu_version),
+                        reclaimable_bytes=(
+                            allocated - guest_used
+                            if allocated is not None and guest_used is not None
+                            else None
+                        ),
+                    )
+                )
+            self.state.observe_census(dom.name, disks)
+        self.measurer.forget(paths)
+
+    # -- main loop -----------------------------------------------------------------
+
+    def _refresh_next_runs(self) -> None:
+        if self.scheduler is None:
+            return
+        for sched in self.config.schedules:
+            job = self.scheduler.get_job(f"schedule:{sched.name}")
+            nxt = job.next_run_time if job is not None else None
+            self.state.set_next_run(sched.name, nxt.timestamp() if nxt else None)
+
+    def _status_text(self) -> str:
+        next_runs = []
+        if self.scheduler is not None:
+            for job in self.scheduler.get_jobs():
+                if job.id.startswith("schedule:") and job.next_run_time is not None:
+                    next_runs.append(job.next_run_time)
+        nxt = min(next_runs).strftime("%Y-%m-%d %H:%M %Z") if next_runs else "none"
+        return f"next run {nxt}; {self._last_summary}"
+
+    def reload(self) -> None:
+        """Validate the config file, then swap; keep the old schedules on any error."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError([])
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload rejected: %s", line)
+            log.error("configuration reload failed; keeping the previous schedules")
+            self.state.set_config_reload(False)
+            self.notifier.ready()
+            return
+        old = self.config
+        if (new.metrics, new.libvirt_uri, new.state_dir) != (
+            old.metrics,
+            old.libvirt_uri,
+            old.state_dir,
+        ):
+            log.warning(
+                "metrics, libvirt.uri and state_dir changes take effect at restart; "
+                "schedules and limits are reloaded now"
+            )
+            new = _keep_restart_only(new, old)
+        self.config = new
+        self.measurer.limits = _limits(new)
+        if self.scheduler is not None:
+            self._install_jobs()
+        self.state.set_config_reload(True)
+        log.info("configuration reloaded: %d schedule(s)", len(new.schedules))
+        self.notifier.ready()
+
+    def _check_libvirt(self, now: float) -> None:
+        if now < self._next_libvirt_check:
+            return
+        if self.hv.is_alive():
+            self.state.set_libvirt_up(True)
+            self._reconnect_backoff = 1.0
+            self._next_libvirt_check = now + LIBVIRT_CHECK_SECONDS
+            return
+        self.state.set_libvirt_up(False)
+        if self.connect_libvirt():
+            log.info("reconnected to %s", self.hv.uri)
+            self._reconnect_backoff = 1.0
+            self._next_libvirt_check = now + LIBVIRT_CHECK_SECONDS
+        else:
+            self._next_libvirt_check = now + self._reconnect_backoff
+            self._reconnect_backoff = min(
+                self._reconnect_backoff * 2, MAX_RECONNECT_BACKOFF_SECONDS
+            )
+
+    def loop(self) -> None:
+        """Main loop: watchdog, flags, libvirt liveness, status. Returns on stop."""
+        tick = LOOP_TICK_SECONDS
+        interval = self.notifier.watchdog_interval()
+        if interval is not None:
+            tick = min(tick, interval)
+        last_status = ""
+        while not self.flags.stop:
+            self.notifier.watchdog()
+            if self.flags.reload:
+                self.flags.reload = False
+                self.reload()
+            if self.flags.stop:
+                break
+            self._check_libvirt(time.monotonic())
+            status = self._status_text()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            self.flags.wake.wait(tick)
+            self.flags.wake.clear()
+
+    def shutdown(self) -> None:
+        """Stop scheduling, let running trims finish within the grace period, close."""
+        self.notifier.stopping()
+        log.info(
+            "stopping: waiting up to %gs for running trims", self.config.shutdown_grace_seconds
+        )
+        self.stop_event.set()
+        if self.scheduler is not None:
+            self.scheduler.pause()
+            deadline = time.monotonic() + self.config.shutdown_grace_seconds
+            for lock in list(self._sweep_locks.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not lock.acquire(timeout=remaining):
+                    log.warning("grace period over; exiting with trims still running")
+                    break
+                lock.release()
+            self.scheduler.shutdown(wait=False)
+        if self.server is not None:
+            self.server.shutdown()
+        if self.history is not None:
+            self.history.close()
+        self.hv.close()
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads, SIGTERM/SIGINT stop; handlers only set flags."""
+
+        def on_hup(_sig: int, _frame: FrameType | None) -> None:
+            self.flags.reload = True
+            self.flags.wake.set()
+
+        def on_term(_sig: int, _frame: FrameType | None) -> None:
+            self.flags.stop = True
+            self.stop_event.set()
+            self.flags.wake.set()
+
+        signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+
+def _finished(rec: TrimRecord) -> float:
+    started = dt.datetime.fromisoformat(rec.started_at.replace("Z", "+00:00"))
+    return started.timestamp() + rec.duration_seconds
+
+
+def _keep_restart_only(new: Config, old: Config) -> Config:
+    return dataclasses.replace(
+        new, metrics=old.metrics, libvirt_uri=old.libvirt_uri, state_dir=old.state_dir
+    )
+
+
+def load_for_run(path: Path) -> Config:
+    """Load and validate the config for `run`; refuse files others may write."""
+    config = load_config(path)
+    problems = check_file_permissions(path)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Notifier) -> int:
+    """`virt-trimd run`: start everything, loop until SIGTERM, shut down. Exit status."""
+    config = load_for_run(config_path)
+    daemon = Daemon(config, config_path, notifier_factory())
+    daemon.install_signal_handlers()
+    daemon.open_history()
+    daemon.start_metrics()
+    daemon.state.set_config_reload(True)
+    daemon.connect_libvirt()
+    daemon.start_scheduler()
+    daemon.catch_up()
+    daemon.notifier.ready()
+    log.info("virt-trimd %s running: %d schedule(s)", __version__, len(config.schedules))
+    try:
+        daemon.loop()
+    finally:
+        daemon.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def run_once(config: Config, config_path: Path | None) -> tuple[SweepSummary, Daemon]:
+    """`virt-trimd run --once`: every schedule's sweep now, windows ignored."""
+    daemon = Daemon(config, config_path)
+    daemon.open_history()
+    daemon.state.set_config_reload(True)
+    if not daemon.connect_libvirt():
+        raise HypervisorError(Outcome.CONNECTION, f"cannot connect to {config.libvirt_uri}")
+    records: list[TrimRecord] = []
+    for sched in config.schedules:
+        summary = daemon.run_schedule(sched.name, ignore_window=True)
+        if summary is not None:
+            records.extend(summary.records)
+    daemon.census()
+    if daemon.history is not None:
+        daemon.history.close()
+    daemon.hv.close()
+    return SweepSummary(records=tuple(records)), daemon
