@@ -17,6 +17,7 @@ from rig.guests import (
     GuestSpec,
     cleanup_test_domains,
     destroy_guest,
+    guest_owner,
     start_guests,
 )
 from rig.host import (
@@ -88,7 +89,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     conn = libvirt.open(LIBVIRT_URI)
     try:
         t0 = time.monotonic()
-        handles = start_guests(conn, specs, workdir, boot, timeout_s=args.timeout)
+        handles = start_guests(conn, specs, workdir, boot, timeout_s=args.timeout, owner="cli")
         took = time.monotonic() - t0
         for h in handles:
             print(f"{h.name}: up ({took:.1f}s, agent {h.spec.agent}), console {h.console_log}")
@@ -107,10 +108,10 @@ def _cmd_down(args: argparse.Namespace) -> int:
     try:
         if args.names:
             for n in args.names:
-                destroy_guest(conn, TEST_PREFIX + _strip_prefix(n))
+                destroy_guest(conn, TEST_PREFIX + _strip_prefix(n), force=args.all)
             gone = [TEST_PREFIX + _strip_prefix(n) for n in args.names]
         else:
-            gone = cleanup_test_domains(conn)
+            gone = cleanup_test_domains(conn, include_cli=True, include_live=args.all)
     finally:
         conn.close()
     print("removed: " + (" ".join(gone) if gone else "nothing"))
@@ -125,7 +126,8 @@ def _cmd_list(_args: argparse.Namespace) -> int:
     try:
         for dom in conn.listAllDomains(0):
             if dom.name().startswith(TEST_PREFIX):
-                print(f"{dom.name()} {'running' if dom.isActive() else 'stopped'}")
+                state = "running" if dom.isActive() else "stopped"
+                print(f"{dom.name()} {state} owner={guest_owner(dom)}")
     finally:
         conn.close()
     return 0
@@ -147,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
     up.add_argument("--workdir", type=Path, help="where images go (default CACHE/guests)")
     up.add_argument("--timeout", type=float, default=120, help="seconds to wait per guest")
-    down = sub.add_parser("down", help="destroy rig guests (all of them without NAMEs)")
+    down = sub.add_parser(
+        "down", help="destroy rig guests: NAMEs, else those from `up` and dead test sessions"
+    )
     down.add_argument("names", nargs="*", metavar="NAME")
+    down.add_argument("--all", action="store_true", help="also guests of running test sessions")
     sub.add_parser("list", help="list rig domains")
     args = p.parse_args(argv)
 

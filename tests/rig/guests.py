@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
@@ -78,6 +79,22 @@ class GuestHandle:
         return self.spec.domain_name
 
 
+Owner = Literal["process", "cli"]
+
+
+def _start_ticks(pid: int | None = None) -> str:
+    """Start time of pid (default: this process) in clock ticks since boot, or "" if gone.
+
+    With the pid it identifies a process even after the pid is reused.
+    """
+    try:
+        stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
+    except OSError:
+        return ""
+    # Field 22; the command name (field 2) may contain spaces, so split after its ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 # What the e2e `guest_factory` fixture yields: call with GuestSpecs, get ready guests.
 GuestFactory = Callable[..., list[GuestHandle]]
 
@@ -105,10 +122,13 @@ def domain_xml(
     boot: BootFiles,
     image_paths: Sequence[Path],
     console_log: Path | None = None,
+    owner: Owner = "process",
 ) -> str:
     """Libvirt XML for spec: TCG, q35, direct kernel boot, no network, no graphics.
 
     console_log (the serial console file) defaults to one beside the first image.
+    owner "process" records this process as the guest's owner (see cleanup_test_domains);
+    "cli" marks a guest that lives until `python -m rig down`.
     """
     if len(image_paths) != len(spec.disks):
         raise RigError(f"{len(spec.disks)} disks in spec but {len(image_paths)} image paths")
@@ -146,11 +166,18 @@ def domain_xml(
         "<memballoon model='none'/>",
     ]
     workdir = console_log.parent
+    if owner == "cli":
+        owner_xml = "<rig:owner kind='cli'/>"
+    else:
+        owner_xml = f"<rig:owner kind='process' pid='{os.getpid()}' start='{_start_ticks()}'/>"
     devices_xml = "\n    ".join(devices)
     return f"""<domain type='qemu'>
   <name>{escape(spec.domain_name)}</name>
   <metadata>
-    <rig:rig xmlns:rig='{RIG_NS}'><rig:workdir>{escape(str(workdir))}</rig:workdir></rig:rig>
+    <rig:rig xmlns:rig='{RIG_NS}'>
+      <rig:workdir>{escape(str(workdir))}</rig:workdir>
+      {owner_xml}
+    </rig:rig>
   </metadata>
   <memory unit='MiB'>{spec.memory_mib}</memory>
   <vcpu>1</vcpu>
@@ -272,12 +299,18 @@ def wait_for_agent(dom: libvirt.virDomain, timeout_s: float = 90) -> None:
 
 
 def start_guest(
-    conn: libvirt.virConnect, spec: GuestSpec, workdir: Path, boot: BootFiles
+    conn: libvirt.virConnect,
+    spec: GuestSpec,
+    workdir: Path,
+    boot: BootFiles,
+    owner: Owner = "process",
 ) -> GuestHandle:
     """Create spec's images in workdir, define the persistent domain and start it.
 
-    Does not wait for boot; see wait_for_boot / wait_for_agent / start_guests.
+    A rig domain of the same name is destroyed first, so `up` can be repeated. Does not
+    wait for boot; see wait_for_boot / wait_for_agent / start_guests.
     """
+    destroy_guest(conn, spec.domain_name)
     workdir.mkdir(parents=True, exist_ok=True)
     images = []
     for i, disk in enumerate(spec.disks):
@@ -286,7 +319,7 @@ def start_guest(
         images.append(img)
     console = console_log_path(workdir, spec)
     console.unlink(missing_ok=True)
-    xml = domain_xml(spec, boot, images, console)
+    xml = domain_xml(spec, boot, images, console, owner)
     dom = conn.defineXML(xml)
     try:
         dom.create()
@@ -309,6 +342,7 @@ def start_guests(
     workdir: Path,
     boot: BootFiles,
     timeout_s: float = 120,
+    owner: Owner = "process",
 ) -> list[GuestHandle]:
     """Start every spec, then wait for all of them (boot and agent) in parallel.
 
@@ -320,22 +354,44 @@ def start_guests(
     if len(set(names)) != len(names):
         raise RigError(f"duplicate guest names in {names}")
     with ThreadPoolExecutor(max_workers=max(1, len(specs))) as pool:
-        handles = list(pool.map(lambda s: start_guest(conn, s, workdir, boot), specs))
+        handles = list(pool.map(lambda s: start_guest(conn, s, workdir, boot, owner), specs))
         list(pool.map(lambda h: wait_ready(h, timeout_s), handles))
     return handles
 
 
-def _rig_workdir(dom: libvirt.virDomain) -> Path | None:
+def _rig_metadata(dom: libvirt.virDomain) -> ET.Element | None:
     try:
         meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, RIG_NS, 0)
     except libvirt.libvirtError:
         return None
+    return ET.fromstring(meta)
+
+
+def _find(root: ET.Element, tag: str) -> ET.Element | None:
     # libvirt hands the element back without its namespace prefix.
-    root = ET.fromstring(meta)
-    node = root.find("workdir")
-    if node is None:
-        node = root.find(f"{{{RIG_NS}}}workdir")
+    node = root.find(tag)
+    return node if node is not None else root.find(f"{{{RIG_NS}}}{tag}")
+
+
+def _rig_workdir(dom: libvirt.virDomain) -> Path | None:
+    root = _rig_metadata(dom)
+    node = _find(root, "workdir") if root is not None else None
     return Path(node.text) if node is not None and node.text else None
+
+
+def guest_owner(dom: libvirt.virDomain) -> str:
+    """ "cli", "live" (owning process still runs), "self" (this process) or "stale"."""
+    root = _rig_metadata(dom)
+    node = _find(root, "owner") if root is not None else None
+    if node is None:
+        return "stale"
+    if node.get("kind") == "cli":
+        return "cli"
+    pid = int(node.get("pid", "0"))
+    if pid == os.getpid():
+        return "self"
+    alive = pid > 0 and _start_ticks(pid) == node.get("start")
+    return "live" if alive else "stale"
 
 
 def _rig_files(dom: libvirt.virDomain) -> list[Path]:
@@ -351,43 +407,68 @@ def _rig_files(dom: libvirt.virDomain) -> list[Path]:
     return [p for p in paths if p.is_relative_to(workdir) and p.name.startswith(TEST_PREFIX)]
 
 
-def destroy_guest(conn: libvirt.virConnect, name: str) -> None:
+def destroy_guest(conn: libvirt.virConnect, name: str, force: bool = False) -> None:
     """Destroy and undefine the rig domain `name` and delete the files the rig made for it.
 
-    Refuses names without TEST_PREFIX; a missing domain is not an error.
+    Refuses names without TEST_PREFIX, and (unless force) domains owned by another live
+    process: test sessions of several people may share one libvirtd. A missing domain is
+    not an error.
     """
     if not name.startswith(TEST_PREFIX):
         raise RigError(f"refusing to touch {name!r}: not a rig domain ({TEST_PREFIX}*)")
     try:
         dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    files = _rig_files(dom)
-    if dom.isActive():
-        try:
-            dom.destroy()
-        except libvirt.libvirtError as exc:
-            # It may have stopped by itself (panic=-1, on_crash=destroy) in the meantime.
-            if dom.isActive():
-                raise RigError(f"cannot destroy {name}: {exc}") from exc
-    flags = (
-        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-    )
-    try:
+        if not force and guest_owner(dom) == "live":
+            raise RigError(
+                f"{name} belongs to another running process; pick another name, or remove "
+                "it with `PYTHONPATH=tests python3 -m rig down --all`"
+            )
+        files = _rig_files(dom)
+        if dom.isActive():
+            try:
+                dom.destroy()
+            except libvirt.libvirtError:
+                # It may have stopped by itself (panic=-1, on_crash=destroy) meanwhile.
+                if dom.isActive():
+                    raise
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        )
         dom.undefineFlags(flags)
-    except libvirt.libvirtError:
-        if dom.isPersistent():
-            raise
+    except libvirt.libvirtError as exc:
+        # Someone else (another cleanup) removed it first: that is what we wanted.
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return
+        raise RigError(f"cannot remove {name}: {exc}") from exc
     for f in files:
         f.unlink(missing_ok=True)
 
 
-def cleanup_test_domains(conn: libvirt.virConnect) -> list[str]:
-    """Destroy and undefine every domain named TEST_PREFIX*; return their names."""
-    names = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(TEST_PREFIX)]
-    for name in names:
-        destroy_guest(conn, name)
-    return names
+def cleanup_test_domains(
+    conn: libvirt.virConnect, include_cli: bool = False, include_live: bool = False
+) -> list[str]:
+    """Remove rig domains (TEST_PREFIX*) that nobody uses any more; return their names.
+
+    By default that is guests of processes that have exited (or of this process).
+    include_cli adds guests from `python -m rig up`; include_live adds guests of other
+    running processes (another test session), which is rarely what you want.
+    """
+    wanted = {"stale", "self"}
+    if include_cli:
+        wanted.add("cli")
+    if include_live:
+        wanted.add("live")
+    removed = []
+    for dom in conn.listAllDomains(0):
+        try:
+            name = dom.name()
+            if not name.startswith(TEST_PREFIX) or guest_owner(dom) not in wanted:
+                continue
+        except libvirt.libvirtError:
+            continue  # vanished while we looked
+        destroy_guest(conn, name, force=True)
+        removed.append(name)
+    return removed

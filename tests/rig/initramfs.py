@@ -249,8 +249,10 @@ def _stage(root: Path, kver: str) -> None:
 def _pack(root: Path, out: Path) -> None:
     """Write root as an uncompressed newc cpio archive (TCG decompresses slowly)."""
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
+    # A unique temporary name: two test processes may build the same cache entry at once.
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
+    tmp = Path(tmp_name)
+    with os.fdopen(fd, "wb") as fh:
         proc = subprocess.run(
             ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
             input="\n".join([".", *names]).encode() + b"\n",
@@ -260,7 +262,9 @@ def _pack(root: Path, out: Path) -> None:
             check=False,
         )
     if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise RigError(f"cpio failed: {proc.stderr.decode().strip()}")
+    tmp.chmod(0o644)
     tmp.replace(out)
 
 
@@ -292,6 +296,8 @@ def build_boot_files(cache_dir: Path, kver: str | None = None) -> BootFiles:
         _stage(root, kver)
         _pack(root, boot.initrd)
     # A private copy, so a kernel upgrade cannot change a defined domain's kernel underneath it.
-    shutil.copy2(vmlinuz, out_dir / "vmlinuz.tmp")
-    (out_dir / "vmlinuz.tmp").replace(boot.kernel)
+    fd, tmp_kernel = tempfile.mkstemp(dir=out_dir, prefix="vmlinuz.")
+    os.close(fd)
+    shutil.copy2(vmlinuz, tmp_kernel)
+    Path(tmp_kernel).replace(boot.kernel)
     return boot
