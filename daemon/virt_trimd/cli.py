@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,8 @@ def setup_logging(level: str, force_stderr: bool = False) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    # APScheduler logs every job start and end at INFO; our own lines say what matters.
+    logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
 
 
 def _load(args: argparse.Namespace, required: bool = False) -> Config:
@@ -222,10 +225,21 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     path = args.config or DEFAULT_CONFIG
     if not args.once:
         try:
-            return run_daemon(path)
+            code = run_daemon(path)
         except StartupError as exc:
             print(f"virt-trimd: cannot start: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        if any(
+            t.is_alive() and not t.daemon
+            for t in threading.enumerate()
+            if t is not threading.main_thread()
+        ):
+            # A guest-agent call stuck in libvirt past the grace period cannot be
+            # cancelled; the interpreter would join its thread forever at exit.
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(code)
+        return code
     config = load_config(path)
     if not config.schedules:
         raise UsageError(f"{path}: no schedules configured; nothing to run")
