@@ -240,8 +240,8 @@ def _by_qemu(qemu_version: QemuVersion | None, what: str) -> tuple[bool | None, 
 def _by_machine_version(machine: str, version: tuple[int, int]) -> tuple[bool, str]:
     if version <= _LAST_MACHINE_WITHOUT_DISCARD:
         return False, (
-            f"machine type '{machine}' is {version[0]}.{version[1]} or older: QEMU keeps "
-            "discard off on virtio-blk for compatibility (hw_compat_3_1), so the guest "
+            f"machine type '{machine}' ({version[0]}.{version[1]}) is 3.1 or older: QEMU "
+            "keeps discard off on virtio-blk for compatibility (hw_compat_3_1), so the guest "
             "never sees the feature"
         )
     return True, f"machine type '{machine}' is newer than 3.1: virtio-blk offers discard"
