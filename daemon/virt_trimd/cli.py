@@ -32,7 +32,8 @@ from .schedule import fire_times
 from .service import StartupError, run_daemon, run_once
 from .sweep import run_sweep, select_domains
 from .trim import DomainTrimmer, TrimOptions
-from .units import format_bytes, format_duration, parse_duration
+from .units import format_bytes, format_duration, parse_duration, parse_size
+from .webserver import WebConfigError, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,12 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
             raise UsageError(f"--timeout: {exc}") from exc
         if timeout <= 0:
             raise UsageError("--timeout must be positive")
+    minimum = 0
+    if args.minimum is not None:
+        try:
+            minimum = parse_size(args.minimum)
+        except ValueError as exc:
+            raise UsageError(f"--minimum: {exc}") from exc
     hv = Hypervisor(config.libvirt_uri)
     try:
         hv.connect()
@@ -128,7 +135,7 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
         trimmer = DomainTrimmer(hv, measurer)
         opts = TrimOptions(
             timeout_seconds=timeout,
-            minimum_bytes=args.minimum if args.minimum is not None else 0,
+            minimum_bytes=minimum,
             dry_run=args.dry_run,
             min_residual_bytes=config.effectiveness.min_residual_bytes,
             residual_ratio=config.effectiveness.residual_ratio,
@@ -213,6 +220,12 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """`virt-trimd check-config`: validate the file, print every error."""
     path = args.config or DEFAULT_CONFIG
     config = load_config(path)
+    web = config.metrics.web_config_file
+    if web is not None:
+        try:
+            load_web_config(web)
+        except WebConfigError as exc:
+            raise ConfigError([str(exc)]) from exc
     out.write(f"{path}: OK, {len(config.schedules)} schedule(s)\n")
     return EXIT_OK
 
@@ -358,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="measure only, send no trim")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--timeout", metavar="DURATION", help="per-guest fstrim timeout (e.g. 10m)")
-    p.add_argument("--minimum", type=int, metavar="BYTES", help="guest-fstrim minimum extent")
+    p.add_argument("--minimum", metavar="SIZE", help="guest-fstrim minimum extent (e.g. 1MiB)")
     p.add_argument(
         "--concurrency", type=int, default=1, metavar="N", help="guests trimmed at once (default 1)"
     )

@@ -38,7 +38,13 @@ from .state import DiskState, State
 from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
 from .trim import DomainTrimmer, TrimOptions, guest_used_by_disk
 from .units import format_bytes
-from .webserver import MetricsServer, start_metrics_server
+from .webserver import (
+    MetricsServer,
+    MetricsServerError,
+    WebConfigError,
+    load_web_config,
+    start_metrics_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +133,10 @@ class Daemon:
             self.server = start_metrics_server(
                 self.registry, m.listen_host, m.listen_port, m.web_config_file
             )
-        except Exception as exc:  # MetricsServerError, WebConfigError
+        except WebConfigError as exc:
+            # A bad web config is a configuration error: exit 2, systemd does not restart.
+            raise ConfigError([str(exc)]) from exc
+        except MetricsServerError as exc:
             raise StartupError(str(exc)) from exc
         log.info("metrics on %s", self.server.url)
 
@@ -369,6 +378,14 @@ class Daemon:
             if self.config_path is None:
                 raise ConfigError([])
             new = load_config(self.config_path)
+            web = new.metrics.web_config_file
+            web_config = load_web_config(web) if web is not None else None
+        except WebConfigError as exc:
+            log.error("reload rejected: %s", exc)
+            log.error("configuration reload failed; keeping the previous schedules")
+            self.state.set_config_reload(False)
+            self.notifier.ready()
+            return
         except ConfigError as exc:
             for line in exc.errors:
                 log.error("reload rejected: %s", line)
@@ -387,6 +404,9 @@ class Daemon:
                 "schedules and limits are reloaded now"
             )
             new = _keep_restart_only(new, old)
+        if self.server is not None and web == self.config.metrics.web_config_file:
+            # Same file, possibly renewed certificate or changed passwords.
+            self.server.apply_web_config(web_config)
         self.config = new
         self.measurer.limits = _limits(new)
         if self.scheduler is not None:
