@@ -23,7 +23,16 @@ from prometheus_client import generate_latest
 from tzlocal import get_localzone
 
 from . import __version__
+from .audit import (
+    audit_domain,
+    audit_to_json,
+    backup_xml,
+    enable_discard_xml,
+    format_audit_table,
+    unified_diff,
+)
 from .config import Config, ConfigError, load_config
+from .domxml import parse_domain_xml
 from .history import History, HistoryError
 from .hypervisor import Hypervisor, HypervisorError, Outcome
 from .measure import Measurer, QemuImgLimits
@@ -345,6 +354,83 @@ def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# -- audit -----------------------------------------------------------------------
+
+
+def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd audit`: can discards reach the host? With --enable-discard, fix the XML."""
+    config = _load(args)
+    if args.enable_discard:
+        if not args.domains:
+            raise UsageError("--enable-discard needs DOMAIN names (it never edits all domains)")
+        return _enable_discard(args, config, out)
+    if args.dry_run:
+        raise UsageError("--dry-run goes with --enable-discard")
+    hv = Hypervisor(config.libvirt_uri)
+    try:
+        hv.connect()
+        qemu = hv.qemu_version()
+        if args.domains:
+            infos = _resolve_domains(hv, args.domains, all_running=False)
+        else:
+            infos = sorted(hv.list_domains(), key=lambda d: d.name)
+        audits = []
+        for info in infos:
+            xml = hv.persistent_xml(info.name)
+            persistent = parse_domain_xml(xml) if xml is not None else None
+            audits.append(audit_domain(info if info.running else None, persistent, qemu))
+    except HypervisorError as exc:
+        print(f"virt-trimd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        hv.close()
+    if args.json:
+        json.dump(audit_to_json(audits), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_audit_table(audits))
+    return EXIT_OK if all(a.ready for a in audits) else EXIT_FAILED
+
+
+def _enable_discard(args: argparse.Namespace, config: Config, out: TextIO) -> int:
+    hv = Hypervisor(config.libvirt_uri)
+    changed_any = False
+    try:
+        hv.connect()
+        _resolve_domains(hv, args.domains, all_running=False)  # unknown names: exit 2
+        for name in args.domains:
+            old = hv.inactive_xml(name)
+            new, changed = enable_discard_xml(old)
+            if not changed:
+                out.write(f"{safe_cell(name)}: every file/block disk already has discard='unmap'\n")
+                continue
+            changed_any = True
+            out.write(unified_diff(old, new, name))
+            if args.dry_run:
+                out.write(f"{safe_cell(name)}: dry run, nothing changed\n")
+                continue
+            backup = backup_xml(config.state_dir, name, old, dt.datetime.now(dt.UTC))
+            hv.define_xml(new)
+            out.write(
+                f"{safe_cell(name)}: discard='unmap' set on {', '.join(changed)}; "
+                f"previous definition saved to {backup}\n"
+            )
+    except HypervisorError as exc:
+        print(f"virt-trimd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, ValueError) as exc:
+        print(f"virt-trimd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        hv.close()
+    if changed_any and not args.dry_run:
+        out.write(
+            "This takes effect at the next cold boot: `virsh shutdown DOMAIN`, wait, then "
+            "`virsh start DOMAIN`. A reboot from inside the guest keeps the old QEMU process.\n"
+        )
+    return EXIT_OK
+
+
 # -- argument parsing --------------------------------------------------------------
 
 
@@ -410,6 +496,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N rows (newest)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("audit", help="can discards reach the host? what to change")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every domain")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI (default from config)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--enable-discard",
+        action="store_true",
+        help="set discard='unmap' in the persistent definition of DOMAIN(s)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --enable-discard: print the diff, change nothing",
+    )
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("check-config", help="validate the configuration file")
     p.add_argument(

@@ -241,6 +241,15 @@ class Hypervisor:
             dom = conn.lookupByName(name)
             return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE))
 
+    def persistent_xml(self, name: str) -> str | None:
+        """The persistent definition, or None for a transient domain."""
+        conn = self._connection()
+        with self._call(f"reading definition of {name!r}"):
+            dom = conn.lookupByName(name)
+            if not dom.isPersistent():
+                return None
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
     def define_xml(self, xml: str) -> None:
         """Redefine a domain's persistent configuration (takes effect at next cold boot)."""
         conn = self._connection()
