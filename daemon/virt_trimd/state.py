@@ -7,6 +7,7 @@ never waits on libvirt or qemu-img and never sees a half-applied trim.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -214,7 +215,17 @@ class State:
                 raise ValueError(f"census of {domain!r} got disk {disk.disk!r} of {disk.domain!r}")
         with self._lock:
             if disks:
-                self._disks[domain] = {d.disk: d for d in disks}
+                previous = self._disks.get(domain, {})
+                # A census cannot judge effectiveness (that needs a trim); keep the
+                # verdict of the latest trim instead of blanking it every census.
+                self._disks[domain] = {
+                    d.disk: (
+                        dataclasses.replace(d, effective=previous[d.disk].effective)
+                        if d.effective is None and d.disk in previous
+                        else d
+                    )
+                    for d in disks
+                }
             else:
                 self._disks.pop(domain, None)
 

@@ -329,3 +329,51 @@ def test_concurrent_observations_are_not_lost() -> None:
     assert snap.trims_total == {("d0", "success"): 2000, ("d1", "success"): 2000}
     assert snap.reclaimed_bytes_total == {("d0", "vda"): 2000, ("d1", "vda"): 2000}
     assert snap.trim_duration.count == 4000
+
+
+def test_census_keeps_the_latest_trim_effectiveness_verdict() -> None:
+    from virt_trimd.records import DiskRecord, Result, TrimRecord
+    from virt_trimd.state import DiskState, State
+
+    state = State()
+    disk = DiskRecord(
+        disk="sda",
+        path="/i.qcow2",
+        format="qcow2",
+        bus="scsi",
+        discard="ignore",
+        allocated_before=500,
+        allocated_after=500,
+        reclaimed_bytes=0,
+        guest_used_bytes=100,
+        residual_bytes=400,
+        effective=False,
+    )
+    state.observe_trim(
+        TrimRecord(
+            domain="d",
+            uuid="u",
+            result=Result.SUCCESS,
+            message="",
+            started_at="2026-01-01T00:00:00Z",
+            duration_seconds=1.0,
+            disks=(disk,),
+        )
+    )
+    census = DiskState(
+        domain="d",
+        disk="sda",
+        path="/i.qcow2",
+        format="qcow2",
+        bus="scsi",
+        discard="ignore",
+        allocated_bytes=600,
+        virtual_bytes=1000,
+        file_bytes=700,
+        discard_ready=False,
+        reclaimable_bytes=500,
+    )
+    state.observe_census("d", [census])
+    (after,) = state.snapshot().disks
+    assert after.effective is False and after.allocated_bytes == 600
+    assert after.reclaimable_bytes == 500 and after.discard_ready is False
