@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,3 +186,77 @@ def test_bad_config_is_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert f"{cfg}:3: " in proc.stderr and "unknown key 'bogus'" in proc.stderr
     assert f"{cfg}:2: libvirt.uri" in proc.stderr
+
+
+def test_block_job_running_means_skipped(
+    guests: dict[str, rig.GuestHandle], tmp_path: Path
+) -> None:
+    g = guests["cli-two"]
+    dest = tmp_path / "copy.qcow2"
+    # A bandwidth-limited block copy stays in progress long enough to trim into it.
+    g.dom.blockCopy(
+        "vda",
+        f"<disk type='file'><source file='{dest}'/><driver type='qcow2'/></disk>",
+        {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: 1024 * 1024},
+        libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
+    )
+    try:
+        assert g.dom.blockJobInfo("vda", 0), "the block copy job did not start"
+        status, doc, _ = trim_json(g.name)
+        rec = record_of(doc, g.name)
+        assert rec["result"] == "skipped"
+        assert "block copy" in rec["message"] and "vda" in rec["message"]
+        assert rec["filesystems"] == []
+        assert status == 0
+    finally:
+        g.dom.blockJobAbort("vda", 0)
+    status, doc, _ = trim_json(g.name)
+    assert record_of(doc, g.name)["result"] == "success"
+
+
+def test_run_once_trims_records_history_and_prints_metrics(
+    guests: dict[str, rig.GuestHandle], tmp_path: Path
+) -> None:
+    g = guests["cli-scsi"]
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "schedules:\n"
+        f"  - name: once\n    cron: '0 3 * * *'\n    window: 1h\n    domains: [{g.name}]\n"
+    )
+    proc = virt_trimd("run", "--once", "--config", str(cfg), "--print-metrics")
+    assert proc.returncode == 0, proc.stderr
+    assert f'virt_trimd_trims_total{{domain="{g.name}",result="success"}} 1.0' in proc.stdout
+    assert 'virt_trimd_last_sweep_timestamp_seconds{schedule="once"}' in proc.stdout
+    hist = virt_trimd("history", "--state-dir", str(tmp_path / "state"), "--json")
+    assert hist.returncode == 0, hist.stderr
+    (row,) = json.loads(hist.stdout)["trims"]
+    assert (row["domain"], row["schedule"], row["result"]) == (g.name, "once", "success")
+    table = virt_trimd(
+        "history", "--state-dir", str(tmp_path / "state"), "--since", "1h", "--domain", g.name
+    )
+    assert table.returncode == 0 and g.name in table.stdout and "success" in table.stdout
+    empty = virt_trimd(
+        "history", "--state-dir", str(tmp_path / "state"), "--domain", "nope", "--json"
+    )
+    assert json.loads(empty.stdout) == {"trims": []}
+
+
+def test_schedules_lists_fire_times_and_matching_domains(
+    guests: dict[str, rig.GuestHandle], tmp_path: Path
+) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "schedules:\n"
+        "  - name: sundays\n    cron: '0 3 * * 0'\n"
+        f"    domains: ['{rig.TEST_PREFIX}cli-*']\n    exclude: ['*-silent']\n"
+    )
+    proc = virt_trimd("schedules", "--config", str(cfg), "--count", "2")
+    assert proc.returncode == 0, proc.stderr
+    nexts = [line.split("next: ")[1] for line in proc.stdout.splitlines() if "next: " in line]
+    assert len(nexts) == 2
+    assert all(dt.datetime.fromisoformat(n).weekday() == 6 for n in nexts)  # Sunday
+    (domains_line,) = [line for line in proc.stdout.splitlines() if "domains (" in line]
+    for name in ("cli-scsi", "cli-two", "cli-noagent"):
+        assert rig.TEST_PREFIX + name in domains_line
+    assert "cli-silent" not in domains_line and "cli-off" not in domains_line  # excluded / off
