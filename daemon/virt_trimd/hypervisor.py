@@ -329,11 +329,57 @@ class Hypervisor:
         return parse_fstrim_return(ret)
 
     def guest_filesystems(self, uuid: str, timeout_seconds: float = 10.0) -> list[GuestFilesystem]:
-        """Filesystems the agent sees, mapped to libvirt disk targets by libvirt itself."""
+        """Filesystems the agent sees, mapped to libvirt disk targets by libvirt itself.
+
+        virDomainGetGuestInfo takes no timeout: it waits as long as the domain's agent
+        response timeout, which is "forever" unless someone set one. An agent that
+        answers guest-sync but never guest-get-fsinfo would hold the calling trim (its
+        concurrency slot, its schedule) or the census for good. So ask guest-get-fsinfo
+        ourselves first, with a timeout (a timed-out qemuAgentCommand frees libvirt's
+        agent job); then bound the guestInfo call too, for an agent that answers once
+        and hangs the second time. Raises HypervisorError (TIMEOUT when out of time).
+        """
+        self.agent_command(uuid, "guest-get-fsinfo", None, timeout_seconds)
         dom = self._lookup_uuid(uuid)
-        with self._call("reading guest filesystems"):
-            info = dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0)
+        info = _call_with_deadline(
+            lambda: dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0),
+            # libvirt's own guest-sync may take up to 5 s before the command is sent.
+            timeout_seconds + 5.0,
+            "reading guest filesystems",
+        )
         return parse_guest_filesystems(info)
+
+
+def _call_with_deadline(call: Callable[[], T], timeout_seconds: float, what: str) -> T:
+    """Run a blocking libvirt call in a daemon thread and stop waiting after timeout_seconds.
+
+    A call still blocked at the deadline is left behind (libvirt calls cannot be
+    cancelled); it ends when libvirt returns. Raises HypervisorError.
+    """
+    box: list[T] = []
+    errors: list[libvirt.libvirtError] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append(call())
+        except libvirt.libvirtError as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="libvirt-call", daemon=True).start()
+    if not done.wait(timeout_seconds):
+        raise HypervisorError(
+            Outcome.TIMEOUT, f"{what}: no answer from libvirt within {timeout_seconds:g}s"
+        )
+    if errors:
+        raise HypervisorError(
+            classify(errors[0]), f"{what}: {_libvirt_error_message(errors[0])}"
+        ) from errors[0]
+    if not box:
+        raise HypervisorError(Outcome.ERROR, f"{what}: the call failed unexpectedly")
+    return box[0]
 
 
 _BLOCK_JOB_NAMES = {
