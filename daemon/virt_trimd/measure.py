@@ -140,7 +140,10 @@ class Measurer:
         st = self.stat(path)
         virtual = self.virtual_size(path, fmt, st) if with_virtual else None
         return Allocation(
-            allocated_bytes=st.st_blocks * 512, file_bytes=st.st_size, virtual_bytes=virtual
+            allocated_bytes=st.st_blocks * 512,
+            file_bytes=st.st_size,
+            virtual_bytes=virtual,
+            file_id=(st.st_dev, st.st_ino),
         )
 
     def virtual_size(self, path: str, fmt: str | None, st: os.stat_result) -> int | None:

@@ -81,6 +81,7 @@ class Allocation:
     allocated_bytes: int  # st_blocks * 512: what the host filesystem really holds
     file_bytes: int  # st_size
     virtual_bytes: int | None  # qemu-img virtual-size, None when unknown
+    file_id: tuple[int, int] | None = None  # (st_dev, st_ino): which file was measured
 
 
 @dataclass(frozen=True)

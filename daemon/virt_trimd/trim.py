@@ -66,8 +66,17 @@ class DomainTrimmer:
         self.measurer = measurer
         self._clock = clock
 
-    def measure_disks(self, disks: Sequence[Disk], with_virtual: bool = True) -> list[DiskRecord]:
-        """One DiskRecord per trimmable disk, with `allocated_before` filled in."""
+    def measure_disks(
+        self,
+        disks: Sequence[Disk],
+        with_virtual: bool = True,
+        file_ids: dict[str, tuple[int, int]] | None = None,
+    ) -> list[DiskRecord]:
+        """One DiskRecord per trimmable disk, with `allocated_before` filled in.
+
+        `file_ids`, when given, receives target -> (st_dev, st_ino) of each measured
+        image, so the after-trim measurement can tell whether it is the same file.
+        """
         out: list[DiskRecord] = []
         for disk in trimmable_disks(tuple(disks)):
             rec = DiskRecord(
@@ -92,12 +101,16 @@ class DomainTrimmer:
                         file_size=alloc.file_bytes,
                         virtual_size=alloc.virtual_bytes,
                     )
+                    if file_ids is not None and alloc.file_id is not None:
+                        file_ids[disk.target] = alloc.file_id
                 except MeasureError as exc:
                     rec = replace(rec, not_measured=str(exc))
             out.append(rec)
         return out
 
-    def _measure_after(self, before: list[DiskRecord]) -> list[DiskRecord]:
+    def _measure_after(
+        self, before: list[DiskRecord], file_ids: dict[str, tuple[int, int]] | None = None
+    ) -> list[DiskRecord]:
         out: list[DiskRecord] = []
         for rec in before:
             if rec.allocated_before is None or rec.path is None:
@@ -107,6 +120,20 @@ class DomainTrimmer:
                 st = self.measurer.stat(rec.path)
             except MeasureError as exc:
                 out.append(replace(rec, not_measured=f"after trim: {exc}"))
+                continue
+            file_id = (file_ids or {}).get(rec.disk)
+            if file_id is not None and file_id != (st.st_dev, st.st_ino):
+                # QEMU still writes to the file it opened; the path now names another one
+                # (restored backup, `mv`), and a difference of two files is no reclaim.
+                out.append(
+                    replace(
+                        rec,
+                        not_measured=(
+                            f"after trim: the image file was replaced during the trim "
+                            f"({rec.path} is now another file); reclaim not computed"
+                        ),
+                    )
+                )
                 continue
             after = st.st_blocks * 512
             out.append(
@@ -148,7 +175,8 @@ class DomainTrimmer:
         if not dom.running:
             return finish(Result.NOT_RUNNING, "domain is not running; nothing to trim")
 
-        before = self.measure_disks(dom.disks)
+        file_ids: dict[str, tuple[int, int]] = {}
+        before = self.measure_disks(dom.disks, file_ids=file_ids)
         if not dom.agent.configured:
             return finish(
                 Result.AGENT_MISSING,
@@ -178,7 +206,7 @@ class DomainTrimmer:
             self.hypervisor.ping(dom.uuid, min(PING_TIMEOUT_SECONDS, opts.timeout_seconds))
             filesystems = self.hypervisor.fstrim(dom.uuid, opts.timeout_seconds, opts.minimum_bytes)
         except HypervisorError as exc:
-            after = self._measure_after(before)
+            after = self._measure_after(before, file_ids)
             message = exc.message
             if exc.outcome is Outcome.NO_DOMAIN:
                 message = f"domain disappeared during trim: {exc.message}"
@@ -186,7 +214,7 @@ class DomainTrimmer:
                 message = f"guest-fstrim did not finish within {opts.timeout_seconds:g}s"
             return finish(result_for(exc.outcome), message, after)
 
-        after = self._measure_after(before)
+        after = self._measure_after(before, file_ids)
         after = self._effectiveness(dom, after, opts)
         failed = [f for f in filesystems if f.error]
         result = Result.PARTIAL if failed else Result.SUCCESS
