@@ -256,6 +256,15 @@ class Hypervisor:
         with self._call("defining domain XML"):
             conn.defineXML(xml)
 
+    def is_active(self, uuid: str) -> bool | None:
+        """Whether the domain runs (paused counts); False when it is gone, None if unknown."""
+        try:
+            dom = self._lookup_uuid(uuid)
+            with self._call("reading domain state"):
+                return bool(dom.isActive())
+        except HypervisorError as exc:
+            return False if exc.outcome is Outcome.NO_DOMAIN else None
+
     def _lookup_uuid(self, uuid: str) -> Any:
         conn = self._connection()
         with self._call(f"looking up domain {uuid}"):

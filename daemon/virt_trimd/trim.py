@@ -194,7 +194,10 @@ class DomainTrimmer:
             try:
                 job = self.hypervisor.active_job(dom.uuid, tuple(d.disk for d in before))
             except HypervisorError as exc:
-                return finish(result_for(exc.outcome), exc.message, before)
+                message = exc.message
+                if exc.outcome is Outcome.NO_DOMAIN:
+                    message = f"domain disappeared before it could be trimmed: {exc.message}"
+                return finish(result_for(exc.outcome), message, before)
             if job:
                 # Trimming during an incremental backup marks the freed blocks
                 # dirty and bloats the next increment.
@@ -207,12 +210,20 @@ class DomainTrimmer:
             filesystems = self.hypervisor.fstrim(dom.uuid, opts.timeout_seconds, opts.minimum_bytes)
         except HypervisorError as exc:
             after = self._measure_after(before, file_ids)
+            result = result_for(exc.outcome)
             message = exc.message
             if exc.outcome is Outcome.NO_DOMAIN:
                 message = f"domain disappeared during trim: {exc.message}"
             elif exc.outcome is Outcome.TIMEOUT:
                 message = f"guest-fstrim did not finish within {opts.timeout_seconds:g}s"
-            return finish(result_for(exc.outcome), message, after)
+            elif exc.outcome in (Outcome.AGENT_UNAVAILABLE, Outcome.ERROR) and (
+                self.hypervisor.is_active(dom.uuid) is False
+            ):
+                # libvirt says "Guest agent disappeared while executing command" when the
+                # domain is destroyed or shut down under the call: not the agent's fault.
+                result = Result.NOT_RUNNING
+                message = f"domain stopped during the trim: {exc.message}"
+            return finish(result, message, after)
 
         after = self._measure_after(before, file_ids)
         after = self._effectiveness(dom, after, opts)
