@@ -130,8 +130,14 @@ class Daemon:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
         m = self.config.metrics
         try:
+            # The registry holds only TrimdCollector, a function of the state snapshot:
+            # scrapes between changes reuse the encoded body instead of re-rendering.
             self.server = start_metrics_server(
-                self.registry, m.listen_host, m.listen_port, m.web_config_file
+                self.registry,
+                m.listen_host,
+                m.listen_port,
+                m.web_config_file,
+                cache_key=self.state.snapshot,
             )
         except WebConfigError as exc:
             # A bad web config is a configuration error: exit 2, systemd does not restart.
