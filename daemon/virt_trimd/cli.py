@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,21 +246,10 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     path = args.config or DEFAULT_CONFIG
     if not args.once:
         try:
-            code = run_daemon(path)
+            return run_daemon(path)
         except StartupError as exc:
             print(f"virt-trimd: cannot start: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        if any(
-            t.is_alive() and not t.daemon
-            for t in threading.enumerate()
-            if t is not threading.main_thread()
-        ):
-            # A guest-agent call stuck in libvirt past the grace period cannot be
-            # cancelled; the interpreter would join its thread forever at exit.
-            logging.shutdown()
-            sys.stdout.flush()
-            os._exit(code)
-        return code
     config = load_config(path)
     if not config.schedules:
         raise UsageError(f"{path}: no schedules configured; nothing to run")

@@ -83,6 +83,7 @@ def run_sweep(
     on_record: Callable[[TrimRecord], None] | None = None,
     stop: threading.Event | None = None,
     wall_clock: Callable[[], float] = time.time,
+    started_monotonic: float | None = None,
 ) -> SweepSummary:
     """Trim `domains` with at most `concurrency` at once; return every record.
 
@@ -92,7 +93,8 @@ def run_sweep(
     """
     locks = locks or DomainLocks()
     stop = stop or threading.Event()
-    t0 = time.monotonic()
+    # Offsets count from when the schedule fired, not from when listing finished.
+    t0 = time.monotonic() if started_monotonic is None else started_monotonic
 
     def one(dom: DomainInfo) -> TrimRecord | None:
         if delay_for is not None:
