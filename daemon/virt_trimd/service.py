@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import signal
 import socket
 import threading
@@ -252,6 +253,7 @@ class Daemon:
 
     def _sweep(self, sched: ScheduleConfig, ignore_window: bool) -> SweepSummary | None:
         started = time.time()
+        started_monotonic = time.monotonic()
         domains = self._list_domains()
         if domains is None:
             return None
@@ -279,6 +281,7 @@ class Daemon:
             delay_for=delay_for if window > 0 else None,
             on_record=self.record,
             stop=self.stop_event,
+            started_monotonic=started_monotonic,
         )
         finished = time.time()
         self.state.observe_sweep(sched.name, summary, finished)
@@ -462,13 +465,17 @@ class Daemon:
             self.flags.wake.wait(tick)
             self.flags.wake.clear()
 
-    def shutdown(self) -> None:
-        """Stop scheduling, let running trims finish within the grace period, close."""
+    def shutdown(self) -> bool:
+        """Stop scheduling, let running trims finish within the grace period, close.
+
+        Returns False when trims were still running as the grace period ended.
+        """
         self.notifier.stopping()
         log.info(
             "stopping: waiting up to %gs for running trims", self.config.shutdown_grace_seconds
         )
         self.stop_event.set()
+        finished = True
         if self.scheduler is not None:
             self.scheduler.pause()
             deadline = time.monotonic() + self.config.shutdown_grace_seconds
@@ -476,6 +483,7 @@ class Daemon:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not lock.acquire(timeout=remaining):
                     log.warning("grace period over; exiting with trims still running")
+                    finished = False
                     break
                 lock.release()
             self.scheduler.shutdown(wait=False)
@@ -483,7 +491,11 @@ class Daemon:
             self.server.shutdown()
         if self.history is not None:
             self.history.close()
-        self.hv.close()
+        if finished:
+            # virConnectClose waits for calls in flight on the connection; with a
+            # guest-agent call stuck past the grace period we exit without it.
+            self.hv.close()
+        return finished
 
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads, SIGTERM/SIGINT stop; handlers only set flags."""
@@ -538,8 +550,13 @@ def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Not
     try:
         daemon.loop()
     finally:
-        daemon.shutdown()
+        finished = daemon.shutdown()
     log.info("stopped")
+    if not finished:
+        # A libvirt agent call cannot be cancelled, and interpreter exit would join
+        # the executor threads stuck in it (concurrent.futures does, daemon or not).
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
