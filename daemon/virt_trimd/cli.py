@@ -34,6 +34,7 @@ from .config import Config, ConfigError, load_config
 from .domxml import parse_domain_xml
 from .history import History, HistoryError
 from .hypervisor import Hypervisor, HypervisorError, Outcome
+from .logfmt import SafeFormatter
 from .measure import Measurer, QemuImgLimits
 from .records import DomainInfo, SweepSummary, TrimRecord
 from .schedule import fire_times
@@ -68,11 +69,13 @@ def setup_logging(level: str, force_stderr: bool = False) -> None:
             from systemd.journal import JournalHandler  # noqa: PLC0415  (only under systemd)
 
             handler = JournalHandler(SYSLOG_IDENTIFIER="virt-trimd")
+            # Guest-chosen text in a message must not start lines of its own.
+            handler.setFormatter(SafeFormatter("%(message)s"))
         except ImportError:
             handler = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     # APScheduler logs every job start and end at INFO; our own lines say what matters.
     logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
