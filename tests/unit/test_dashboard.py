@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from promql_names import (
+
+from unit.promql_names import (
     CONTRACT_METRICS,
     dashboard_exprs,
     dashboard_metric_names,
