@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 # How long guest-ping may take before we call the agent unavailable. Short on
 # purpose: a missing agent should not cost a whole fstrim timeout.
 PING_TIMEOUT_SECONDS = 5.0
+# How long to let libvirt finish stopping a domain whose agent vanished mid-call.
+STOP_SETTLE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -216,9 +218,10 @@ class DomainTrimmer:
                 message = f"domain disappeared during trim: {exc.message}"
             elif exc.outcome is Outcome.TIMEOUT:
                 message = f"guest-fstrim did not finish within {opts.timeout_seconds:g}s"
-            elif exc.outcome in (Outcome.AGENT_UNAVAILABLE, Outcome.ERROR) and (
-                self.hypervisor.is_active(dom.uuid) is False
-            ):
+            elif exc.outcome in (
+                Outcome.AGENT_UNAVAILABLE,
+                Outcome.ERROR,
+            ) and self._stopped_under_us(dom.uuid, exc.message):
                 # libvirt says "Guest agent disappeared while executing command" when the
                 # domain is destroyed or shut down under the call: not the agent's fault.
                 result = Result.NOT_RUNNING
@@ -238,6 +241,21 @@ class DomainTrimmer:
         if failed:
             message += "; failed: " + ", ".join(f"{f.mountpoint}: {f.error}" for f in failed[:5])
         return finish(result, message, after, filesystems)
+
+    def _stopped_under_us(self, uuid: str, message: str) -> bool:
+        """True when, after an agent failure, the domain is gone or no longer active.
+
+        A destroy kills QEMU first; the agent socket's end fails our pending call
+        ("Guest agent disappeared while executing command") while libvirt may not yet
+        have marked the domain inactive. After that message, give it a moment.
+        """
+        settle = STOP_SETTLE_SECONDS if "disappeared" in message else 0.0
+        deadline = time.monotonic() + settle
+        while self.hypervisor.is_active(uuid) is not False:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def _effectiveness(
         self, dom: DomainInfo, disks: list[DiskRecord], opts: TrimOptions
