@@ -7,16 +7,18 @@ opposite and stops working on a bad file).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import os
+import select
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -60,9 +62,10 @@ class StartupError(Exception):
 
 @dataclass
 class _Flags:
+    """Set by signal handlers, read by the main loop. Plain attributes: no locks."""
+
     reload: bool = False
     stop: bool = False
-    wake: threading.Event = field(default_factory=threading.Event)
 
 
 def _limits(config: Config) -> QemuImgLimits:
@@ -105,6 +108,9 @@ class Daemon:
         self._last_summary: str = "no sweep yet"
         self._next_libvirt_check = 0.0
         self._reconnect_backoff = 1.0
+        # The signal wakeup socket pair (install_signal_handlers); the loop reads _wakeup.
+        self._wakeup: socket.socket | None = None
+        self._wakeup_writer: socket.socket | None = None
 
     # -- start-up ------------------------------------------------------------------
 
@@ -462,8 +468,18 @@ class Daemon:
             if status != last_status:
                 self.notifier.status(status)
                 last_status = status
-            self.flags.wake.wait(tick)
-            self.flags.wake.clear()
+            self._wait(tick)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`; a signal ends the wait at once (via the wakeup socket)."""
+        if self._wakeup is None:
+            time.sleep(seconds)
+            return
+        readable, _, _ = select.select([self._wakeup], [], [], seconds)
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                while self._wakeup.recv(4096):
+                    pass
 
     def shutdown(self) -> bool:
         """Stop scheduling, let running trims finish within the grace period, close.
@@ -498,16 +514,26 @@ class Daemon:
         return finished
 
     def install_signal_handlers(self) -> None:
-        """SIGHUP reloads, SIGTERM/SIGINT stop; handlers only set flags."""
+        """SIGHUP reloads, SIGTERM/SIGINT stop; handlers only set flags.
+
+        Python runs a handler in the main thread between two bytecodes, possibly while
+        that thread holds a lock; a handler that takes a lock (threading.Event.set does)
+        then deadlocks the main loop, which a burst of SIGHUPs did, leaving SIGTERM
+        unanswered. So handlers only assign attributes, and the loop is woken by the
+        byte the interpreter itself writes to the wakeup socket for every signal.
+        """
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup, self._wakeup_writer = reader, writer
 
         def on_hup(_sig: int, _frame: FrameType | None) -> None:
             self.flags.reload = True
-            self.flags.wake.set()
 
         def on_term(_sig: int, _frame: FrameType | None) -> None:
+            # The loop sees this at once and shutdown() sets stop_event for the workers.
             self.flags.stop = True
-            self.stop_event.set()
-            self.flags.wake.set()
 
         signal.signal(signal.SIGHUP, on_hup)
         signal.signal(signal.SIGTERM, on_term)
