@@ -196,6 +196,22 @@ def test_guest_frozen_with_virsh_suspend_mid_fstrim_times_out(
     assert record.duration_seconds <= timeout + SLACK_SECONDS
 
 
+def test_guest_paused_before_the_call_is_not_running_at_once(
+    guests: dict[str, rig.GuestHandle], hv: Hypervisor
+) -> None:
+    """libvirt refuses agent commands to a paused domain outright: no timeout to wait."""
+    hang = guests["flt-hang"]
+    (info,) = _infos(hv, hang)
+    hang.dom.suspend()
+    try:
+        record = DomainTrimmer(hv, Measurer()).trim(info, TrimOptions(timeout_seconds=30))
+    finally:
+        hang.dom.resume()
+    assert record.result is Result.NOT_RUNNING, record
+    assert record.message == "guest-ping: Requested operation is not valid: domain is not running"
+    assert record.duration_seconds < PING_TIMEOUT_SECONDS
+
+
 def test_agent_hanging_on_fsinfo_does_not_hang_the_trim(
     guests: dict[str, rig.GuestHandle], hv: Hypervisor, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -555,38 +571,59 @@ def test_state_dir_read_only_trims_and_metrics_go_on(
     assert "Traceback" not in d.log()
 
 
-def test_sighup_storm_then_sigterm_during_reloads(tmp_path: Path) -> None:
+def test_sighup_storms_then_sigterm_during_reloads(tmp_path: Path) -> None:
+    """Three bursts of 100 SIGHUPs in about a second each, then SIGTERM inside a flood.
+
+    A handler that takes a lock deadlocks the main loop when a signal lands while that
+    thread holds the same lock (threading.Event.set in the handler, Event.wait in the
+    loop). After each burst the loop must still apply the config and feed the watchdog,
+    and SIGTERM must end it cleanly within the grace period.
+    """
     port = free_port()
     state = tmp_path / "state"
     body = "  - name: {name}\n    every: 1h\n    domains: ['vtrimd-test-no-such-guest-*']\n"
-    cfg = write_config(tmp_path / "config.yaml", _config(state, port, body.format(name="before")))
-    d = DaemonProc(cfg, tmp_path)
+    cfg = write_config(tmp_path / "config.yaml", _config(state, port, body.format(name="s0")))
+    d = DaemonProc(cfg, tmp_path, watchdog_usec=2_000_000)
     try:
         d.wait_ready()
-        write_config(cfg, _config(state, port, body.format(name="after")))
-        t0 = time.monotonic()
-        for _ in range(100):
-            d.signal(signal.SIGHUP)
-            time.sleep(0.009)
-        assert time.monotonic() - t0 < 1.5
-        assert d.proc.poll() is None, d.log()
-        wait_for(
-            lambda: sample(scrape(port), "virt_trimd_next_run_timestamp_seconds", schedule="after"),
-            20,
-            "the new schedule",
-        )
+        for burst in range(1, 4):
+            write_config(cfg, _config(state, port, body.format(name=f"s{burst}")))
+            t0 = time.monotonic()
+            for _ in range(100):
+                d.signal(signal.SIGHUP)
+                time.sleep(0.009)
+            assert time.monotonic() - t0 < 1.5
+            storm_end = time.monotonic()
+            assert d.proc.poll() is None, d.log()
+            wait_for(
+                lambda b=burst: sample(
+                    scrape(port), "virt_trimd_next_run_timestamp_seconds", schedule=f"s{b}"
+                ),
+                20,
+                f"schedule s{burst} after burst {burst}",
+            )
+            wait_for(
+                lambda t=storm_end: any(x > t for x in d.notify.times_of("WATCHDOG=1")),
+                10,
+                "a watchdog ping after the burst",
+            )
         m = scrape(port)
-        assert sample(m, "virt_trimd_next_run_timestamp_seconds", schedule="before") is None
+        assert sample(m, "virt_trimd_next_run_timestamp_seconds", schedule="s2") is None
         assert sample(m, "virt_trimd_config_last_reload_successful") == 1
-        reloads = d.log().count("configuration reloaded")
-        assert 1 <= reloads <= 100
-        # Reloads keep coming while SIGTERM arrives: a clean stop all the same.
-        for i in range(50):
+        assert 3 <= d.log().count("configuration reloaded") <= 300
+        # Then a flood (a SIGHUP every 0.2 ms, thousands) with SIGTERM inside it. Before
+        # the handlers stopped taking locks this hung the daemon or killed it every time.
+        t0 = time.monotonic()
+        t1: float | None = None
+        sent = 0
+        while time.monotonic() - (t1 or t0 + 1.0) < 0.3:
             d.signal(signal.SIGHUP)
-            if i == 25:
+            sent += 1
+            if t1 is None and time.monotonic() - t0 >= 1.0:
                 d.signal(signal.SIGTERM)
-            time.sleep(0.002)
-        t1 = time.monotonic()
+                t1 = time.monotonic()
+            time.sleep(0.0002)
+        assert sent >= 1000 and t1 is not None
         code = d.proc.wait(3 + SLACK_SECONDS)
         assert time.monotonic() - t1 <= 3 + SLACK_SECONDS
     finally:
