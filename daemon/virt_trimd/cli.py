@@ -22,15 +22,9 @@ from prometheus_client import generate_latest
 from tzlocal import get_localzone
 
 from . import __version__
-from .audit import (
-    audit_domain,
-    audit_to_json,
-    backup_xml,
-    enable_discard_xml,
-    format_audit_table,
-    unified_diff,
-)
+from .audit import audit_domain, audit_to_json, format_audit_table
 from .config import Config, ConfigError, load_config
+from .discardfix import backup_xml, enable_discard_xml, unified_diff
 from .domxml import parse_domain_xml
 from .history import History, HistoryError
 from .hypervisor import Hypervisor, HypervisorError, Outcome

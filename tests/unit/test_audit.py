@@ -18,14 +18,11 @@ from virt_trimd.audit import (
     Verdict,
     audit_domain,
     audit_to_json,
-    backup_xml,
     discard_ready,
-    enable_discard_xml,
     format_audit_table,
-    safe_filename,
-    unified_diff,
     virtio_blk_discard,
 )
+from virt_trimd.discardfix import backup_xml, enable_discard_xml, safe_filename, unified_diff
 from virt_trimd.domxml import ParsedDomain, parse_domain_xml
 from virt_trimd.records import AgentChannel, DomainInfo
 
