@@ -15,12 +15,14 @@ import os
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
@@ -560,8 +562,11 @@ def load_for_run(path: Path) -> Config:
     return config
 
 
-def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Notifier) -> int:
-    """`virt-trimd run`: start everything, loop until SIGTERM, shut down. Exit status."""
+def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Notifier) -> NoReturn:
+    """`virt-trimd run`: start everything, loop until SIGTERM, shut down, exit 0.
+
+    Raises ConfigError or StartupError when it cannot start.
+    """
     config = load_for_run(config_path)
     daemon = Daemon(config, config_path, notifier_factory())
     daemon.install_signal_handlers()
@@ -577,13 +582,15 @@ def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Not
         daemon.loop()
     finally:
         finished = daemon.shutdown()
-    log.info("stopped")
-    if not finished:
-        # A libvirt agent call cannot be cancelled, and interpreter exit would join
-        # the executor threads stuck in it (concurrent.futures does, daemon or not).
-        logging.shutdown()
-        os._exit(0)
-    return 0
+    log.info("stopped" if finished else "stopped with a trim still running")
+    # History is closed and the listener is down. A libvirt call still in flight (a
+    # trim past the grace period, a census on a slow agent) cannot be cancelled, and
+    # interpreter exit would join the executor threads stuck in it (concurrent.futures
+    # joins them, daemon threads or not), so leave without waiting for them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_once(config: Config, config_path: Path | None) -> tuple[SweepSummary, Daemon]:
