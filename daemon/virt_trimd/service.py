@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -321,11 +321,16 @@ class Daemon:
             self.state.set_history_ok(False)
         self.state.observe_trim(rec)
 
-    def census(self) -> None:
-        """Refresh allocation, readiness and reclaimable gauges without trimming."""
+    def census(self, only: Collection[str] | None = None) -> None:
+        """Refresh allocation, readiness and reclaimable gauges without trimming.
+
+        `only` limits it to those domain names (run --once: the domains it swept).
+        """
         domains = self._list_domains()
         if domains is None:
             return
+        if only is not None:
+            domains = [d for d in domains if d.name in only]
         paths: set[str] = set()
         for dom in domains:
             if self.stop_event.is_set():
@@ -605,7 +610,9 @@ def run_once(config: Config, config_path: Path | None) -> tuple[SweepSummary, Da
         summary = daemon.run_schedule(sched.name, ignore_window=True)
         if summary is not None:
             records.extend(summary.records)
-    daemon.census()
+    # Only the swept domains: asking every guest on the host for its filesystems
+    # costs up to libvirt's 5 s agent sync per guest whose agent is stuck.
+    daemon.census(only={r.domain for r in records})
     if daemon.history is not None:
         daemon.history.close()
     daemon.hv.close()
