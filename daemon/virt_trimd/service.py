@@ -109,6 +109,7 @@ class Daemon:
         self._qemu_version: tuple[int, int, int] | None = None
         self._last_summary: str = "no sweep yet"
         self._next_libvirt_check = 0.0
+        self._census_installed = False
         self._reconnect_backoff = 1.0
         # The signal wakeup socket pair (install_signal_handlers); the loop reads _wakeup.
         self._wakeup: socket.socket | None = None
@@ -191,13 +192,19 @@ class Daemon:
                 name=sched.name,
             )
         if self.config.census_interval_seconds > 0:
+            # The first census runs at start; after a reload (which removed every job)
+            # the next one waits a full interval, so a SIGHUP storm is not a census storm.
+            first = dt.datetime.now(self.tz)
+            if self._census_installed:
+                first += dt.timedelta(seconds=self.config.census_interval_seconds)
             self.scheduler.add_job(
                 self.census,
                 "interval",
                 seconds=self.config.census_interval_seconds,
                 id="census",
-                next_run_time=dt.datetime.now(self.tz),
+                next_run_time=first,
             )
+            self._census_installed = True
         self.state.retain_schedules([s.name for s in self.config.schedules])
         self._refresh_next_runs()
 
