@@ -6,8 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import libvirt
+
+import rig
 
 ROOT = Path(__file__).resolve().parents[2]
 QCOW2_CLUSTER = 64 * 1024
@@ -60,3 +66,16 @@ def record_of(doc: dict[str, Any], domain: str) -> dict[str, Any]:
         f"{domain} not exactly once in {[r['domain'] for r in doc['domains']]}"
     )
     return matches[0]
+
+
+@contextmanager
+def booted_guests(
+    conn: libvirt.virConnect, boot: rig.BootFiles, workdir: Path, specs: Sequence[rig.GuestSpec]
+) -> Iterator[dict[str, rig.GuestHandle]]:
+    """Boot `specs` in parallel, yield them by spec name, always destroy them afterwards."""
+    try:
+        handles = rig.start_guests(conn, specs, workdir, boot)
+        yield {h.spec.name: h for h in handles}
+    finally:
+        for spec in specs:
+            rig.destroy_guest(conn, spec.domain_name)

@@ -21,7 +21,15 @@ import pytest
 
 import rig
 from e2e.daemon_proc import write_config
-from e2e.helpers import MIB, QCOW2_CLUSTER, record_of, stat_allocated, trim_json, virt_trimd
+from e2e.helpers import (
+    MIB,
+    QCOW2_CLUSTER,
+    booted_guests,
+    record_of,
+    stat_allocated,
+    trim_json,
+    virt_trimd,
+)
 from rig import DiskSpec, GuestSpec
 
 
@@ -66,13 +74,10 @@ def guests(
     rig_boot: rig.BootFiles,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, rig.GuestHandle]]:
-    specs = [IGNORE, NOAGENT, READY, FIX]
-    try:
-        handles = rig.start_guests(libvirt_conn, specs, tmp_path_factory.mktemp("aud"), rig_boot)
-        yield {h.spec.name: h for h in handles}
-    finally:
-        for spec in specs:
-            rig.destroy_guest(libvirt_conn, spec.domain_name)
+    with booted_guests(
+        libvirt_conn, rig_boot, tmp_path_factory.mktemp("aud"), [IGNORE, NOAGENT, READY, FIX]
+    ) as by_name:
+        yield by_name
 
 
 def audit_json(*args: str) -> tuple[int, dict[str, Any]]:

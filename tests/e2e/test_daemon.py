@@ -18,7 +18,7 @@ import pytest
 
 import rig
 from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
-from e2e.helpers import MIB, QCOW2_CLUSTER, stat_allocated
+from e2e.helpers import MIB, QCOW2_CLUSTER, booted_guests, stat_allocated
 from rig import DiskSpec, GuestSpec
 from virt_trimd.history import History
 from virt_trimd.records import Result, TrimRecord
@@ -35,13 +35,10 @@ def guests(
     rig_boot: rig.BootFiles,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, rig.GuestHandle]]:
-    specs = [A, B, STALLED]
-    try:
-        handles = rig.start_guests(libvirt_conn, specs, tmp_path_factory.mktemp("dmn"), rig_boot)
-        yield {h.spec.name: h for h in handles}
-    finally:
-        for spec in specs:
-            rig.destroy_guest(libvirt_conn, spec.domain_name)
+    with booted_guests(
+        libvirt_conn, rig_boot, tmp_path_factory.mktemp("dmn"), [A, B, STALLED]
+    ) as by_name:
+        yield by_name
 
 
 def _config(

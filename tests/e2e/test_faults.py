@@ -31,7 +31,7 @@ import pytest
 import faults_agent as fa
 import rig
 from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
-from e2e.helpers import cli_env
+from e2e.helpers import booted_guests, cli_env
 from faults_libvirtd import PrivateLibvirtd
 from rig import DiskSpec, GuestSpec
 from virt_trimd.history import History
@@ -58,13 +58,10 @@ def guests(
     rig_boot: rig.BootFiles,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, rig.GuestHandle]]:
-    specs = [A, B, HANG, STALLED]
-    try:
-        handles = rig.start_guests(libvirt_conn, specs, tmp_path_factory.mktemp("flt"), rig_boot)
-        yield {h.spec.name: h for h in handles}
-    finally:
-        for spec in specs:
-            rig.destroy_guest(libvirt_conn, spec.domain_name)
+    with booted_guests(
+        libvirt_conn, rig_boot, tmp_path_factory.mktemp("flt"), [A, B, HANG, STALLED]
+    ) as by_name:
+        yield by_name
 
 
 @pytest.fixture

@@ -11,7 +11,15 @@ import libvirt
 import pytest
 
 import rig
-from e2e.helpers import MIB, QCOW2_CLUSTER, record_of, stat_allocated, trim_json, virt_trimd
+from e2e.helpers import (
+    MIB,
+    QCOW2_CLUSTER,
+    booted_guests,
+    record_of,
+    stat_allocated,
+    trim_json,
+    virt_trimd,
+)
 from rig import DiskSpec, GuestSpec
 
 SCSI = GuestSpec("cli-scsi", disks=(DiskSpec(fmt="qcow2", bus="scsi", discard="unmap"),))
@@ -37,14 +45,9 @@ def guests(
 ) -> Iterator[dict[str, rig.GuestHandle]]:
     """All guests of this module, booted in parallel once; OFF is shut off after boot."""
     specs = [SCSI, TWO, NOAGENT, SILENT, OFF]
-    try:
-        handles = rig.start_guests(libvirt_conn, specs, tmp_path_factory.mktemp("cli"), rig_boot)
-        by_name = {h.spec.name: h for h in handles}
+    with booted_guests(libvirt_conn, rig_boot, tmp_path_factory.mktemp("cli"), specs) as by_name:
         by_name["cli-off"].dom.destroy()
         yield by_name
-    finally:
-        for spec in specs:
-            rig.destroy_guest(libvirt_conn, spec.domain_name)
 
 
 def test_dry_run_measures_and_changes_nothing(guests: dict[str, rig.GuestHandle]) -> None:
