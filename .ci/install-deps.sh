@@ -42,11 +42,25 @@ log "pip install -e '.[test]'"
 "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e "$ROOT[test]"
 
 # Same logic as rig.ensure_libvirtd() in tests/rig/host.py, for shells and `make`.
-if ! virsh -c qemu:///system version >/dev/null 2>&1; then
-    mkdir -p /var/log/libvirt /var/run/libvirt
+# virtlogd is checked on its own: a libvirtd can outlive it and leave a stale socket
+# file, and then every domain start fails. A connect, not `-S`, tells live from stale.
+virtlogd_answers() {
+    "$PYTHON" -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' \
+        /run/libvirt/virtlogd-sock 2>/dev/null
+}
+mkdir -p /var/log/libvirt /var/run/libvirt
+if ! virtlogd_answers; then
+    log "starting virtlogd"
     # A second instance exits on the pidfile lock, so a failed start is not fatal here;
     # the wait below is the real check.
-    [[ -S /run/libvirt/virtlogd-sock ]] || { log "starting virtlogd"; virtlogd -d || true; }
+    virtlogd -d || true
+    for _ in $(seq 60); do
+        virtlogd_answers && break
+        sleep 0.5
+    done
+    virtlogd_answers || { echo "install-deps: virtlogd does not answer; see /var/log/libvirt/virtlogd.log" >&2; exit 1; }
+fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     log "starting libvirtd"
     libvirtd -d || true
     for _ in $(seq 60); do

@@ -32,6 +32,7 @@ from rig.host import (
     RigError,
     default_cache_dir,
     ensure_libvirtd,
+    ensure_virtlogd,
     quiet_libvirt_errors,
     require_tools,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "destroy_guest",
     "domain_xml",
     "ensure_libvirtd",
+    "ensure_virtlogd",
     "guest_exec",
     "guest_kernel_version",
     "guest_owner",

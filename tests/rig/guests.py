@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape, quoteattr
 import libvirt
 import libvirt_qemu
 
-from rig.host import TEST_PREFIX, RigError
+from rig.host import TEST_PREFIX, RigError, ensure_virtlogd
 from rig.images import ImageFormat, make_disk_image
 from rig.initramfs import READY_MARKER, BootFiles
 
@@ -322,8 +322,17 @@ def start_guest(
     xml = domain_xml(spec, boot, images, console, owner)
     dom = conn.defineXML(xml)
     try:
-        dom.create()
-    except libvirt.libvirtError as exc:
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            # virtlogd is host plumbing, not under test: if it died under a running
+            # libvirtd, start it again and retry once instead of failing every test after.
+            if "virtlogd-sock" not in str(exc):
+                raise
+            log.warning("%s: %s; restarting virtlogd", spec.domain_name, exc)
+            ensure_virtlogd()
+            dom.create()
+    except (libvirt.libvirtError, RigError) as exc:
         raise boot_failure(dom, f"start failed: {exc}") from exc
     log.info("started %s (workdir %s)", spec.domain_name, workdir)
     return GuestHandle(spec=spec, dom=dom, workdir=workdir, images=images, console_log=console)

@@ -98,21 +98,41 @@ def libvirtd_answers(uri: str = LIBVIRT_URI) -> bool:
         conn.close()
 
 
+def ensure_virtlogd(timeout_s: float = 30) -> None:
+    """Start virtlogd unless its socket accepts connections; wait until it does.
+
+    Checked on its own, not only when libvirtd is down: libvirtd can outlive virtlogd
+    (it leaves a stale socket file behind), and then every domain start fails with
+    "Failed to connect socket to '/run/libvirt/virtlogd-sock'".
+    """
+    if _socket_answers(_VIRTLOGD_SOCK):
+        return
+    require_tools("virtlogd")
+    for d in ("/var/log/libvirt", "/var/run/libvirt"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+    log.warning("virtlogd does not answer on %s; starting it", _VIRTLOGD_SOCK)
+    run(["virtlogd", "-d"], timeout_s=30)
+    deadline = time.monotonic() + timeout_s
+    while not _socket_answers(_VIRTLOGD_SOCK):
+        if time.monotonic() > deadline:
+            raise RigError(
+                f"virtlogd did not answer on {_VIRTLOGD_SOCK} within {timeout_s}s; "
+                "see /var/log/libvirt/virtlogd.log and try `virtlogd -v` in a terminal"
+            )
+        time.sleep(0.2)
+
+
 def ensure_libvirtd(timeout_s: float = 30, uri: str = LIBVIRT_URI) -> None:
-    """Start virtlogd and libvirtd if qemu:///system does not answer; wait until it does.
+    """Start virtlogd and libvirtd unless each answers; wait until qemu:///system does.
 
     systemd is not PID 1 on the test machines, so nobody else starts them.
     Raises RigError when the daemons are missing or do not answer within timeout_s.
     """
+    # libvirtd hands serial/QEMU logs to virtlogd; without it every domain start fails.
+    ensure_virtlogd(timeout_s)
     if libvirtd_answers(uri):
         return
-    require_tools("virtlogd", "libvirtd")
-    for d in ("/var/log/libvirt", "/var/run/libvirt"):
-        Path(d).mkdir(parents=True, exist_ok=True)
-    # libvirtd hands serial/QEMU logs to virtlogd; without it every domain start fails.
-    if not _socket_answers(_VIRTLOGD_SOCK):
-        log.info("starting virtlogd")
-        run(["virtlogd", "-d"], timeout_s=30)
+    require_tools("libvirtd")
     if not _socket_answers(_LIBVIRT_SOCK):
         log.info("starting libvirtd")
         run(["libvirtd", "-d"], timeout_s=30)
