@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from prometheus_client import generate_latest
 from tzlocal import get_localzone
 
 from . import __version__
@@ -36,7 +35,6 @@ from .service import StartupError, run_daemon, run_once
 from .sweep import run_sweep, select_domains
 from .trim import DomainTrimmer, TrimOptions
 from .units import format_bytes, format_duration, parse_duration, parse_size
-from .webserver import WebConfigError, load_web_config
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +225,8 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = load_config(path)
     web = config.metrics.web_config_file
     if web is not None:
+        from .webserver import WebConfigError, load_web_config  # noqa: PLC0415
+
         try:
             load_web_config(web)
         except WebConfigError as exc:
@@ -261,6 +261,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(format_table(summary.records))
     if args.print_metrics:
+        from prometheus_client import generate_latest  # noqa: PLC0415
+
         out.write("\n" + generate_latest(daemon.registry).decode())
     return EXIT_FAILED if summary.failed else EXIT_OK
 

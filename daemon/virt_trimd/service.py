@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import os
 import select
@@ -22,10 +23,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from apscheduler.schedulers.background import BackgroundScheduler
-from prometheus_client import CollectorRegistry
 from tzlocal import get_localzone
 
 from . import __version__
@@ -35,7 +34,6 @@ from .domxml import trimmable_disks
 from .history import History, HistoryError
 from .hypervisor import Hypervisor, HypervisorError, Outcome
 from .measure import MeasureError, Measurer, QemuImgLimits
-from .metrics import TrimdCollector
 from .notify import Notifier
 from .records import DomainInfo, SweepSummary, TrimRecord
 from .schedule import build_trigger, catch_up_due, spread_offset
@@ -43,13 +41,16 @@ from .state import DiskState, State
 from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
 from .trim import DomainTrimmer, TrimOptions, guest_used_by_disk
 from .units import format_bytes
-from .webserver import (
-    MetricsServer,
-    MetricsServerError,
-    WebConfigError,
-    load_web_config,
-    start_metrics_server,
-)
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from prometheus_client import CollectorRegistry
+
+    from .webserver import MetricsServer
+
+# The scheduler, prometheus_client and the web server are imported where they are first
+# used: `run --once` needs none of them (unless --print-metrics), and importing them
+# cost `run --once` about 60 ms of its ~300 ms start-up (docs/BENCHMARKS.md).
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ class Daemon:
         self.hostname = hostname or socket.gethostname()
         self.tz: dt.tzinfo = get_localzone()
         self.state = State()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(TrimdCollector(self.state, __version__))
         self.hv = Hypervisor(config.libvirt_uri)
         self.measurer = Measurer(_limits(config))
         self.trimmer = DomainTrimmer(self.hv, self.measurer)
@@ -114,6 +113,17 @@ class Daemon:
         # The signal wakeup socket pair (install_signal_handlers); the loop reads _wakeup.
         self._wakeup: socket.socket | None = None
         self._wakeup_writer: socket.socket | None = None
+
+    @functools.cached_property
+    def registry(self) -> CollectorRegistry:
+        """The registry the metrics endpoint and `run --once --print-metrics` render."""
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+        from .metrics import TrimdCollector  # noqa: PLC0415
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(TrimdCollector(self.state, __version__))
+        return registry
 
     # -- start-up ------------------------------------------------------------------
 
@@ -138,6 +148,8 @@ class Daemon:
 
     def start_metrics(self) -> None:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
+        from .webserver import MetricsServerError, WebConfigError, start_metrics_server  # noqa: PLC0415
+
         m = self.config.metrics
         try:
             # The registry holds only TrimdCollector, a function of the state snapshot:
@@ -171,6 +183,8 @@ class Daemon:
 
     def start_scheduler(self) -> None:
         """Start APScheduler with one job per schedule plus the census."""
+        from apscheduler.schedulers.background import BackgroundScheduler  # noqa: PLC0415
+
         self.scheduler = BackgroundScheduler(
             timezone=self.tz,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
@@ -402,6 +416,8 @@ class Daemon:
 
     def reload(self) -> None:
         """Validate the config file, then swap; keep the old schedules on any error."""
+        from .webserver import WebConfigError, load_web_config  # noqa: PLC0415
+
         self.notifier.reloading()
         try:
             if self.config_path is None:
