@@ -329,6 +329,22 @@ class History:
         )
         return {str(d): float(ts) for d, ts in rows}
 
+    def last_duration_by_uuid(self) -> dict[str, float]:
+        """Domain UUID -> duration of its latest trim attempt, to start long ones first.
+
+        Attempts are success, partial and timeout (the guest ran fstrim, or was given
+        the whole timeout); dry runs never count.
+        """
+        # Latest by start time; of two started in the same instant, the one written last.
+        rows = self._read(
+            "SELECT uuid, duration_seconds FROM ("
+            " SELECT uuid, duration_seconds, ROW_NUMBER() OVER ("
+            "  PARTITION BY uuid ORDER BY started_ts DESC, id DESC) AS n FROM trims"
+            " WHERE result IN (?, ?, ?) AND dry_run = 0) WHERE n = 1",
+            (Result.SUCCESS.value, Result.PARTIAL.value, Result.TIMEOUT.value),
+        )
+        return {str(u): float(d) for u, d in rows}
+
     def last_sweep_by_schedule(self) -> dict[str, float]:
         """Schedule -> started_ts of its latest completed sweep, for catch-up decisions."""
         rows = self._read("SELECT schedule, MAX(started_ts) FROM sweeps GROUP BY schedule")

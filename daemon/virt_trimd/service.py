@@ -105,6 +105,8 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self._sweep_locks: dict[str, threading.Lock] = {}
+        # UUID -> seconds its last trim attempt took: sweeps start the long ones first.
+        self.last_duration: dict[str, float] = {}
         self._qemu_version: tuple[int, int, int] | None = None
         self._last_summary: str = "no sweep yet"
         self._next_libvirt_check = 0.0
@@ -138,6 +140,7 @@ class Daemon:
             return
         try:
             self.state.restore_last_success(self.history.last_success_by_domain())
+            self.last_duration.update(self.history.last_duration_by_uuid())
             horizon = max((s.min_interval_seconds for s in self.config.schedules), default=0.0)
             if horizon > 0:
                 for rec in self.history.query(since_ts=time.time() - horizon):
@@ -311,6 +314,7 @@ class Daemon:
             on_record=self.record,
             stop=self.stop_event,
             started_monotonic=started_monotonic,
+            expected_seconds=lambda dom: self.last_duration.get(dom.uuid),
         )
         finished = time.time()
         self.state.observe_sweep(sched.name, summary, finished)
@@ -340,6 +344,8 @@ class Daemon:
                 self.state.set_history_ok(False)
         else:
             self.state.set_history_ok(False)
+        if rec.result in TRIM_ATTEMPTED and not rec.dry_run:
+            self.last_duration[rec.uuid] = rec.duration_seconds
         self.state.observe_trim(rec)
 
     def census(self, only: Collection[str] | None = None) -> None:

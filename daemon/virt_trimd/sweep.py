@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -84,12 +85,15 @@ def run_sweep(
     stop: threading.Event | None = None,
     wall_clock: Callable[[], float] = time.time,
     started_monotonic: float | None = None,
+    expected_seconds: Callable[[DomainInfo], float | None] | None = None,
 ) -> SweepSummary:
     """Trim `domains` with at most `concurrency` at once; return every record.
 
     `delay_for` gives each domain's start offset (spreading); `stop` cuts waits
     short and skips domains not yet started. `on_record` runs in the worker
-    thread as each record completes (history, metrics).
+    thread as each record completes (history, metrics). `expected_seconds` (the
+    last trim's duration, None if unknown) starts long trims first; see start_order.
+    Records come back in the order of `domains`.
     """
     locks = locks or DomainLocks()
     stop = stop or threading.Event()
@@ -149,14 +153,36 @@ def run_sweep(
             records.append(rec)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="trim") as pool:
-        # Submit in start-offset order so a worker waiting for its slot in the
-        # window never holds up a domain due earlier.
-        ordered = sorted(domains, key=delay_for) if delay_for is not None else list(domains)
-        for fut in [pool.submit(worker, d) for d in ordered]:
+        for fut in [
+            pool.submit(worker, d) for d in start_order(domains, delay_for, expected_seconds)
+        ]:
             fut.result()
     order = {d.uuid: i for i, d in enumerate(domains)}
     records.sort(key=lambda r: order.get(r.uuid, 0))
     return SweepSummary(records=tuple(records))
+
+
+def start_order(
+    domains: Sequence[DomainInfo],
+    delay_for: Callable[[DomainInfo], float] | None = None,
+    expected_seconds: Callable[[DomainInfo], float | None] | None = None,
+) -> list[DomainInfo]:
+    """The order workers take domains in: by start offset, then longest expected first.
+
+    Offset first, so a worker waiting for its slot in the window never holds up a
+    domain due earlier. Among equal offsets (all of them without spreading), the
+    longest trim last time goes first: with K workers, starting the long ones early
+    keeps one of them from starting last and finishing alone (LPT scheduling). A
+    domain with no known duration counts as longest, so a new large guest is not left
+    to the end. Equal keys keep the given (name) order: sorted() is stable.
+    """
+
+    def key(dom: DomainInfo) -> tuple[float, float]:
+        offset = delay_for(dom) if delay_for is not None else 0.0
+        expected = expected_seconds(dom) if expected_seconds is not None else 0.0
+        return offset, -(math.inf if expected is None else expected)
+
+    return sorted(domains, key=key)
 
 
 def _skip(dom: DomainInfo, opts: TrimOptions, message: str) -> TrimRecord:

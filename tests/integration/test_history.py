@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -312,6 +314,7 @@ _CHILD_PRELUDE = f"""
 import sys
 sys.path.insert(0, {DAEMON_DIR!r})
 from pathlib import Path
+from typing import Any
 from virt_trimd.history import History, HistoryError
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, TrimRecord
 """
@@ -478,3 +481,17 @@ def test_sigkill_mid_append_leaves_no_corruption_and_no_partial_rows(tmp_path: P
         assert started_ts == T0
         assert len(record.disks) == 40 and len(record.filesystems) == 40
         assert reclaimed == record.reclaimed_bytes == 40 * 9 * 10**8
+
+
+def test_last_duration_is_the_latest_attempt_per_uuid(history: History) -> None:
+    def rec(uuid: str, result: Result, started: float, duration: float, **kw: Any) -> TrimRecord:
+        return dataclasses.replace(make_record("x", result, started, duration, **kw), uuid=uuid)
+
+    history.append(rec("u-a", Result.SUCCESS, T0 + 100, 9.0))
+    history.append(rec("u-a", Result.SUCCESS, T0, 1.0))  # older, written later
+    history.append(rec("u-a", Result.SKIPPED, T0 + 200, 0.0))
+    history.append(rec("u-a", Result.SUCCESS, T0 + 300, 0.5, dry_run=True))
+    history.append(rec("u-b", Result.TIMEOUT, T0, 30.0))
+    history.append(rec("u-c", Result.PARTIAL, T0, 2.0))
+    history.append(rec("u-d", Result.AGENT_MISSING, T0, 0.1))
+    assert history.last_duration_by_uuid() == {"u-a": 9.0, "u-b": 30.0, "u-c": 2.0}

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from virt_trimd.records import AgentChannel, DomainInfo, Result, TrimRecord
-from virt_trimd.sweep import DomainLocks, run_sweep, select_domains
+from virt_trimd.sweep import DomainLocks, run_sweep, select_domains, start_order
 from virt_trimd.trim import TrimOptions
 
 
@@ -140,3 +140,29 @@ def test_offsets_are_honoured() -> None:
     )
     assert t.calls == ["a", "b"] and len(recs) == 2
     assert time.monotonic() - t0 >= 0.3
+
+
+def test_start_order_runs_the_longest_known_trims_first() -> None:
+    doms = [_dom(n) for n in ("a", "b", "c", "d", "e")]
+    last = {"uuid-a": 1.0, "uuid-b": 5.0, "uuid-d": 5.0, "uuid-e": 0.2}  # c never trimmed
+    order = start_order(doms, expected_seconds=lambda d: last.get(d.uuid))
+    # Unknown first (it may be the largest), then longest first, ties in the given order.
+    assert [d.name for d in order] == ["c", "b", "d", "a", "e"]
+    assert [d.name for d in start_order(doms)] == ["a", "b", "c", "d", "e"]
+
+
+def test_start_order_keeps_spread_offsets_first() -> None:
+    doms = [_dom(n) for n in ("a", "b", "c")]
+    offsets = {"uuid-a": 10.0, "uuid-b": 0.0, "uuid-c": 0.0}
+    last = {"uuid-a": 99.0, "uuid-b": 1.0, "uuid-c": 2.0}
+    order = start_order(doms, lambda d: offsets[d.uuid], lambda d: last[d.uuid])
+    assert [d.name for d in order] == ["c", "b", "a"]
+
+
+def test_sweep_starts_long_trims_first_and_returns_records_in_name_order() -> None:
+    t = FakeTrimmer(0.0)
+    doms = [_dom(n) for n in ("a", "b", "c")]
+    last = {"uuid-a": 0.1, "uuid-b": 0.3, "uuid-c": 0.2}
+    recs = _sweep(t, doms, concurrency=1, expected_seconds=lambda d: last[d.uuid])
+    assert t.calls == ["b", "c", "a"]
+    assert [r.domain for r in recs] == ["a", "b", "c"]

@@ -1,0 +1,54 @@
+"""The daemon's memory of past trims, restored from a real history file on start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from virt_trimd.config import load_config
+from virt_trimd.history import History
+from virt_trimd.records import Result, TrimRecord
+from virt_trimd.service import Daemon
+
+
+def _record(uuid: str, result: Result, duration: float, dry_run: bool = False) -> TrimRecord:
+    return TrimRecord(
+        domain=f"dom-{uuid}",
+        uuid=uuid,
+        result=result,
+        message="",
+        started_at="2026-11-01T03:00:00Z",
+        duration_seconds=duration,
+        dry_run=dry_run,
+    )
+
+
+def _daemon(tmp_path: Path) -> Daemon:
+    cfg = tmp_path / "virt-trimd.yaml"
+    cfg.write_text(
+        f"state_dir: {tmp_path / 'state'}\n"
+        "schedules:\n  - name: nightly\n    every: 1d\n    domains: ['*']\n"
+    )
+    return Daemon(load_config(cfg), cfg, hostname="host")
+
+
+def test_last_durations_survive_a_restart_and_follow_new_trims(tmp_path: Path) -> None:
+    first = _daemon(tmp_path)
+    first.open_history()
+    first.record(_record("u-long", Result.SUCCESS, 40.0))
+    first.record(_record("u-short", Result.SUCCESS, 0.5))
+    first.record(_record("u-short", Result.SKIPPED, 0.0))  # nothing was asked: no change
+    first.record(_record("u-dry", Result.SUCCESS, 9.0, dry_run=True))
+    assert first.last_duration == {"u-long": 40.0, "u-short": 0.5}
+    assert first.history is not None
+    first.history.close()
+
+    second = _daemon(tmp_path)
+    second.open_history()
+    assert second.last_duration == {"u-long": 40.0, "u-short": 0.5}
+    # Same start instant as the first: the later write wins.
+    second.record(_record("u-long", Result.TIMEOUT, 60.0))
+    assert second.last_duration["u-long"] == 60.0
+    assert second.history is not None
+    second.history.close()
+    with History(tmp_path / "state") as hist:
+        assert hist.last_duration_by_uuid()["u-long"] == 60.0
