@@ -127,6 +127,7 @@ class Config:
     libvirt_uri: str
     metrics: MetricsConfig
     state_dir: Path
+    history_retention_seconds: float
     census_interval_seconds: float
     shutdown_grace_seconds: float
     agent_timeout_seconds: float
@@ -269,6 +270,7 @@ class _Loader(DocumentLoader):
                 web_config_file=top[("metrics", "web_config_file")],
             ),
             state_dir=top[("state_dir",)],
+            history_retention_seconds=top[("history_retention",)],
             census_interval_seconds=top[("census_interval",)],
             shutdown_grace_seconds=top[("shutdown_grace",)],
             agent_timeout_seconds=top[("agent_timeout",)],

@@ -245,11 +245,12 @@ class History:
             what=f"sweep of schedule {schedule!r}",
         )
 
-    def _write(self, sql: str, params: tuple[Any, ...], *, what: str) -> None:
+    def _write(self, sql: str, params: tuple[Any, ...], *, what: str) -> int:
+        """Run one writing statement (one transaction); return the rows it changed."""
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute(sql, params)
+                return conn.execute(sql, params).rowcount
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     # An I/O error can leave the statement's transaction open; end it so
@@ -344,6 +345,39 @@ class History:
             (Result.SUCCESS.value, Result.PARTIAL.value, Result.TIMEOUT.value),
         )
         return {str(u): float(d) for u, d in rows}
+
+    def prune(self, before_ts: float) -> int:
+        """Delete trims and sweeps started before `before_ts`; return the trims deleted.
+
+        Kept whatever their age, because the daemon reads them back on start: each
+        domain's latest successful trim (last-success gauge and its alert), each
+        domain's latest attempt (min_interval) and each schedule's latest sweep
+        (catch-up). Each DELETE is one transaction: a crash leaves either side.
+        """
+        latest = (
+            "SELECT id FROM (SELECT id, ROW_NUMBER() OVER ("
+            " PARTITION BY {part} ORDER BY started_ts DESC, id DESC) AS n"
+            " FROM {table} {where}) WHERE n = 1"
+        )
+        keep_success = latest.format(
+            part="domain", table="trims", where="WHERE result = ? AND dry_run = 0"
+        )
+        keep_attempt = latest.format(
+            part="domain", table="trims", where="WHERE result NOT IN (?, ?) AND dry_run = 0"
+        )
+        keep_sweep = latest.format(part="schedule", table="sweeps", where="")
+        deleted = self._write(
+            f"DELETE FROM trims WHERE started_ts < ? AND id NOT IN ({keep_success})"
+            f" AND id NOT IN ({keep_attempt})",
+            (before_ts, Result.SUCCESS.value, *_NOT_A_TRIM),
+            what="deletion of old trims",
+        )
+        self._write(
+            f"DELETE FROM sweeps WHERE started_ts < ? AND id NOT IN ({keep_sweep})",
+            (before_ts,),
+            what="deletion of old sweeps",
+        )
+        return deleted
 
     def last_sweep_by_schedule(self) -> dict[str, float]:
         """Schedule -> started_ts of its latest completed sweep, for catch-up decisions."""

@@ -40,7 +40,7 @@ from .schedule import build_trigger, catch_up_due, spread_offset
 from .state import DiskState, State
 from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
 from .trim import DomainTrimmer, TrimOptions, guest_used_by_disk
-from .units import format_bytes
+from .units import format_bytes, format_duration
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -148,6 +148,25 @@ class Daemon:
                         self.locks.release(rec.uuid, _finished(rec))
         except HistoryError as exc:
             log.error("cannot read history: %s", exc)
+        self.prune_history()
+
+    def prune_history(self) -> None:
+        """Delete history older than history_retention (never what start-up reads back)."""
+        retention = self.config.history_retention_seconds
+        if self.history is None or retention <= 0:
+            return
+        try:
+            deleted = self.history.prune(time.time() - retention)
+        except HistoryError as exc:
+            # Not fatal and not a write failure of a trim: the next day's run tries again.
+            log.error("cannot prune history: %s", exc)
+            return
+        if deleted:
+            log.info(
+                "history: deleted %d trim record(s) older than %s",
+                deleted,
+                format_duration(retention),
+            )
 
     def start_metrics(self) -> None:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
@@ -222,6 +241,8 @@ class Daemon:
                 next_run_time=first,
             )
             self._census_installed = True
+        # Pruning also runs in open_history at start, so the first daily run is a day on.
+        self.scheduler.add_job(self.prune_history, "interval", days=1, id="history-prune")
         self.state.retain_schedules([s.name for s in self.config.schedules])
         self._refresh_next_runs()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from virt_trimd.config import load_config
 from virt_trimd.history import History
@@ -10,22 +13,28 @@ from virt_trimd.records import Result, TrimRecord
 from virt_trimd.service import Daemon
 
 
-def _record(uuid: str, result: Result, duration: float, dry_run: bool = False) -> TrimRecord:
+def _record(
+    uuid: str,
+    result: Result,
+    duration: float,
+    dry_run: bool = False,
+    started_at: str = "2026-11-01T03:00:00Z",
+) -> TrimRecord:
     return TrimRecord(
         domain=f"dom-{uuid}",
         uuid=uuid,
         result=result,
         message="",
-        started_at="2026-11-01T03:00:00Z",
+        started_at=started_at,
         duration_seconds=duration,
         dry_run=dry_run,
     )
 
 
-def _daemon(tmp_path: Path) -> Daemon:
+def _daemon(tmp_path: Path, retention: str = "400d") -> Daemon:
     cfg = tmp_path / "virt-trimd.yaml"
     cfg.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
+        f"state_dir: {tmp_path / 'state'}\nhistory_retention: {retention}\n"
         "schedules:\n  - name: nightly\n    every: 1d\n    domains: ['*']\n"
     )
     return Daemon(load_config(cfg), cfg, hostname="host")
@@ -52,3 +61,26 @@ def test_last_durations_survive_a_restart_and_follow_new_trims(tmp_path: Path) -
     second.history.close()
     with History(tmp_path / "state") as hist:
         assert hist.last_duration_by_uuid()["u-long"] == 60.0
+
+
+def test_start_prunes_history_past_retention_and_zero_keeps_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with History(tmp_path / "state") as hist:
+        for day in ("01", "02", "03"):
+            hist.append(_record("u-a", Result.SUCCESS, 1.0, started_at=f"2020-01-{day}T03:00:00Z"))
+        hist.append(_record("u-a", Result.SUCCESS, 1.0, started_at="2099-01-01T03:00:00Z"))
+
+    keep = _daemon(tmp_path, retention="0")
+    keep.open_history()
+    assert keep.history is not None
+    assert len(keep.history.query()) == 4
+    keep.history.close()
+
+    caplog.set_level(logging.INFO, logger="virt_trimd")
+    prune = _daemon(tmp_path, retention="30d")
+    prune.open_history()
+    assert prune.history is not None
+    assert [r.started_at for r in prune.history.query()] == ["2099-01-01T03:00:00Z"]
+    prune.history.close()
+    assert "history: deleted 3 trim record(s) older than 30d" in caplog.text
