@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -35,7 +35,7 @@ from .history import History, HistoryError
 from .hypervisor import Hypervisor, HypervisorError, Outcome
 from .measure import MeasureError, Measurer, QemuImgLimits
 from .notify import Notifier
-from .records import DomainInfo, SweepSummary, TrimRecord
+from .records import DomainInfo, Result, SweepSummary, TrimRecord
 from .schedule import build_trigger, catch_up_due, spread_offset
 from .state import DiskState, State
 from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
@@ -369,10 +369,17 @@ class Daemon:
             self.last_duration[rec.uuid] = rec.duration_seconds
         self.state.observe_trim(rec)
 
-    def census(self, only: Collection[str] | None = None) -> None:
+    def census(
+        self,
+        only: Collection[str] | None = None,
+        known_used: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> None:
         """Refresh allocation, readiness and reclaimable gauges without trimming.
 
         `only` limits it to those domain names (run --once: the domains it swept).
+        `known_used` gives, by domain name, guest-used bytes per disk target already
+        read this run (by the trims' effectiveness checks): those guests are not asked
+        again.
         """
         domains = self._list_domains()
         if domains is None:
@@ -383,8 +390,10 @@ class Daemon:
         for dom in domains:
             if self.stop_event.is_set():
                 return
-            used: dict[str, int] = {}
-            if dom.running and dom.agent.configured and dom.agent.state == "connected":
+            used: Mapping[str, int] = {}
+            if known_used is not None and dom.name in known_used:
+                used = known_used[dom.name]
+            elif dom.running and dom.agent.configured and dom.agent.state == "connected":
                 try:
                     used = guest_used_by_disk(self.hv.guest_filesystems(dom.uuid))
                 except HypervisorError as exc:
@@ -648,6 +657,17 @@ def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Not
     os._exit(0)
 
 
+def guest_used_from_records(records: Collection[TrimRecord]) -> dict[str, dict[str, int]]:
+    """Guest-used bytes by disk from trims whose effectiveness check read them."""
+    known: dict[str, dict[str, int]] = {}
+    for rec in records:
+        if rec.result in (Result.SUCCESS, Result.PARTIAL):
+            used = {d.disk: d.guest_used_bytes for d in rec.disks if d.guest_used_bytes is not None}
+            if used:
+                known[rec.domain] = used
+    return known
+
+
 def run_once(config: Config, config_path: Path | None) -> tuple[SweepSummary, Daemon]:
     """`virt-trimd run --once`: every schedule's sweep now, windows ignored."""
     daemon = Daemon(config, config_path)
@@ -661,8 +681,9 @@ def run_once(config: Config, config_path: Path | None) -> tuple[SweepSummary, Da
         if summary is not None:
             records.extend(summary.records)
     # Only the swept domains: asking every guest on the host for its filesystems
-    # costs up to libvirt's 5 s agent sync per guest whose agent is stuck.
-    daemon.census(only={r.domain for r in records})
+    # costs up to libvirt's 5 s agent sync per guest whose agent is stuck. And not
+    # again those whose trim just read them (two agent round trips per guest saved).
+    daemon.census(only={r.domain for r in records}, known_used=guest_used_from_records(records))
     if daemon.history is not None:
         daemon.history.close()
     daemon.hv.close()

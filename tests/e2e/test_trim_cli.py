@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -241,6 +242,24 @@ def test_run_once_trims_records_history_and_prints_metrics(
     assert hist.returncode == 0, hist.stderr
     (row,) = json.loads(hist.stdout)["trims"]
     assert (row["domain"], row["schedule"], row["result"]) == (g.name, "once", "success")
+    # The closing census takes guest-used bytes from the trim record instead of asking
+    # the agent again: reclaimable must be allocated minus that record's guest-used,
+    # and allocated must match our own os.stat of the image.
+    (disk,) = row["disks"]
+    assert disk["guest_used_bytes"] is not None, disk
+
+    def gauge(name: str) -> float:
+        found = re.search(
+            rf'^virt_trimd_disk_{name}{{disk="{disk["disk"]}",domain="{g.name}"}} (\S+)$',
+            proc.stdout,
+            re.M,
+        )
+        assert found is not None, (name, proc.stdout)
+        return float(found.group(1))
+
+    allocated = gauge("allocated_bytes")
+    assert abs(allocated - rig.allocated_bytes(g.images[0])) <= 64 << 10
+    assert gauge("reclaimable_bytes") == allocated - disk["guest_used_bytes"]
     table = virt_trimd(
         "history", "--state-dir", str(tmp_path / "state"), "--since", "1h", "--domain", g.name
     )

@@ -1,16 +1,18 @@
-"""The daemon's memory of past trims, restored from a real history file on start."""
+"""The daemon's use of what it already knows: history read back on start, fresh records."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from virt_trimd.config import load_config
 from virt_trimd.history import History
-from virt_trimd.records import Result, TrimRecord
-from virt_trimd.service import Daemon
+from virt_trimd.records import AgentChannel, Disk, DiskRecord, DomainInfo, Result, TrimRecord
+from virt_trimd.service import Daemon, guest_used_from_records
 
 
 def _record(
@@ -84,3 +86,46 @@ def test_start_prunes_history_past_retention_and_zero_keeps_it(
     assert [r.started_at for r in prune.history.query()] == ["2099-01-01T03:00:00Z"]
     prune.history.close()
     assert "history: deleted 3 trim record(s) older than 30d" in caplog.text
+
+
+def test_closing_census_reuses_guest_used_from_the_trims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run --once's census takes guest-used bytes from the records, not a new agent call."""
+    image = tmp_path / "web.raw"
+    with image.open("wb") as f:
+        f.write(b"\1" * (1 << 20))  # 1 MiB really allocated
+    disk = Disk("vda", "virtio", "disk", "file", str(image), "raw", "unmap", None)
+    dom = DomainInfo("web", "u-web", True, (disk,), AgentChannel(True, "connected"))
+    daemon = _daemon(tmp_path)
+    asked: list[str] = []
+
+    def guest_filesystems(uuid: str) -> list[object]:
+        asked.append(uuid)
+        return []
+
+    monkeypatch.setattr(daemon, "_list_domains", lambda: [dom])
+    monkeypatch.setattr(daemon.hv, "guest_filesystems", guest_filesystems)
+    rec = _record("u-web", Result.SUCCESS, 1.0)
+    rec = dataclasses.replace(
+        rec,
+        domain="web",
+        disks=(
+            DiskRecord(
+                disk="vda",
+                path=str(image),
+                format="raw",
+                bus="virtio",
+                discard="unmap",
+                guest_used_bytes=300_000,
+            ),
+        ),
+    )
+
+    daemon.census(only={"web"}, known_used=guest_used_from_records([rec]))
+    assert asked == []
+    (state,) = daemon.state.snapshot().disks
+    assert state.reclaimable_bytes == os.stat(image).st_blocks * 512 - 300_000
+
+    daemon.census(only={"web"})  # without the records it asks the agent
+    assert asked == ["u-web"]
