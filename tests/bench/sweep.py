@@ -191,6 +191,41 @@ def list_schedule(durations: Sequence[float], k: int) -> float:
     return max(workers) if durations else float("nan")
 
 
+def best_split(durations: Sequence[float], k: int) -> float:
+    """The shortest makespan any assignment of the guests to k workers can reach.
+
+    Exact (depth-first with pruning), so only for small N. `ideal` can be out of reach
+    for whole guests: 8 guests on 4 workers cannot split their times evenly. span /
+    this is virt-trimd's distance from a perfect scheduler that knew every time ahead.
+    """
+    ds = sorted(durations, reverse=True)
+    if not ds:
+        return float("nan")
+    best = list_schedule(ds, k)  # longest-first list schedule: a good first bound
+    loads = [0.0] * k
+
+    def place(i: int) -> None:
+        nonlocal best
+        if i == len(ds):
+            best = min(best, max(loads))
+            return
+        tried: set[float] = set()
+        for w in range(k):
+            # Workers with equal loads are interchangeable; one branch covers them all.
+            if loads[w] in tried or loads[w] + ds[i] >= best:
+                continue
+            tried.add(loads[w])
+            loads[w] += ds[i]
+            place(i + 1)
+            loads[w] -= ds[i]
+
+    place(0)
+    return best
+
+
+BEST_SPLIT_MAX_GUESTS = 12
+
+
 def run(
     pool: GuestPool,
     workdir: Path,
@@ -298,6 +333,18 @@ def rows_for(n: int, runs: dict[str, list[Run]], foreign: Sequence[str]) -> list
                     packed,
                 )
             )
+            if n <= BEST_SPLIT_MAX_GUESTS:
+                best = [
+                    r.span_s / best_split(list(r.per_guest_s.values()), k) for r in rs if r.span_s
+                ]
+                out.append(
+                    row(
+                        "sweep",
+                        f"N={n} {variant}: sweep span / best split of the same times",
+                        "x",
+                        best,
+                    )
+                )
             # The same ideal from the per-guest times of the sequential run of the same
             # repetition: on 2 cores with TCG guests, K guests at once are not K times
             # faster, so this shows the hardware limit rather than the scheduling.
