@@ -333,16 +333,17 @@ class History:
     def last_duration_by_uuid(self) -> dict[str, float]:
         """Domain UUID -> duration of its latest trim attempt, to start long ones first.
 
-        Attempts are success, partial and timeout (the guest ran fstrim, or was given
-        the whole timeout); dry runs never count.
+        Every result counts except skipped and not_running (nothing was asked of the
+        guest): a guest whose agent never answers holds a worker for libvirt's 5 s too.
+        Dry runs never count.
         """
         # Latest by start time; of two started in the same instant, the one written last.
         rows = self._read(
             "SELECT uuid, duration_seconds FROM ("
             " SELECT uuid, duration_seconds, ROW_NUMBER() OVER ("
             "  PARTITION BY uuid ORDER BY started_ts DESC, id DESC) AS n FROM trims"
-            " WHERE result IN (?, ?, ?) AND dry_run = 0) WHERE n = 1",
-            (Result.SUCCESS.value, Result.PARTIAL.value, Result.TIMEOUT.value),
+            " WHERE result NOT IN (?, ?) AND dry_run = 0) WHERE n = 1",
+            _NOT_A_TRIM,
         )
         return {str(u): float(d) for u, d in rows}
 

@@ -105,7 +105,8 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self._sweep_locks: dict[str, threading.Lock] = {}
-        # UUID -> seconds its last trim attempt took: sweeps start the long ones first.
+        # UUID -> seconds its last trim attempt held a worker (any result but skipped or
+        # not_running): sweeps start the long ones first.
         self.last_duration: dict[str, float] = {}
         self._qemu_version: tuple[int, int, int] | None = None
         self._last_summary: str = "no sweep yet"
@@ -365,7 +366,7 @@ class Daemon:
                 self.state.set_history_ok(False)
         else:
             self.state.set_history_ok(False)
-        if rec.result in TRIM_ATTEMPTED and not rec.dry_run:
+        if rec.result not in (Result.SKIPPED, Result.NOT_RUNNING) and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
         self.state.observe_trim(rec)
 

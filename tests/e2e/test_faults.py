@@ -707,6 +707,9 @@ def test_libvirtd_killed_and_restarted_idle_and_mid_sweep(
     def sweeps() -> int:
         return d.log().count("last sweep often:")
 
+    def sweep_starts() -> int:
+        return d.log().count("schedule often: 2 running domain(s) match")
+
     try:
         d.wait_ready()
         wait_for(lambda: up() == 1, 15, "libvirt_up 1")
@@ -719,8 +722,10 @@ def test_libvirtd_killed_and_restarted_idle_and_mid_sweep(
         wait_for(lambda: up() == 1, 60, "libvirt_up 1 after the restart")
         n = a_successes()
         wait_for(lambda: a_successes() > n, 60, "the next sweep to trim priv-a")
-        # Mid-sweep: priv-a is done, priv-stalled's guest-ping waits in libvirtd (5 s).
-        k = sweeps()
+        # Mid-sweep: one second into a sweep, priv-stalled's guest-ping waits in libvirtd
+        # (5 s) whichever goes first: it does (longest last time), or priv-a (0.1 s) does.
+        k, s = sweeps(), sweep_starts()
+        wait_for(lambda: sweep_starts() > s, 30, "the next sweep to start")
         time.sleep(1)
         priv.kill()
         wait_for(lambda: sweeps() > k, 30, "the interrupted sweep to end")

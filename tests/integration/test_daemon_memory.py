@@ -49,13 +49,14 @@ def test_last_durations_survive_a_restart_and_follow_new_trims(tmp_path: Path) -
     first.record(_record("u-short", Result.SUCCESS, 0.5))
     first.record(_record("u-short", Result.SKIPPED, 0.0))  # nothing was asked: no change
     first.record(_record("u-dry", Result.SUCCESS, 9.0, dry_run=True))
-    assert first.last_duration == {"u-long": 40.0, "u-short": 0.5}
+    first.record(_record("u-stuck", Result.AGENT_UNAVAILABLE, 5.0))  # held a worker 5 s
+    assert first.last_duration == {"u-long": 40.0, "u-short": 0.5, "u-stuck": 5.0}
     assert first.history is not None
     first.history.close()
 
     second = _daemon(tmp_path)
     second.open_history()
-    assert second.last_duration == {"u-long": 40.0, "u-short": 0.5}
+    assert second.last_duration == {"u-long": 40.0, "u-short": 0.5, "u-stuck": 5.0}
     # Same start instant as the first: the later write wins.
     second.record(_record("u-long", Result.TIMEOUT, 60.0))
     assert second.last_duration["u-long"] == 60.0

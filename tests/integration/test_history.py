@@ -493,8 +493,9 @@ def test_last_duration_is_the_latest_attempt_per_uuid(history: History) -> None:
     history.append(rec("u-a", Result.SUCCESS, T0 + 300, 0.5, dry_run=True))
     history.append(rec("u-b", Result.TIMEOUT, T0, 30.0))
     history.append(rec("u-c", Result.PARTIAL, T0, 2.0))
-    history.append(rec("u-d", Result.AGENT_MISSING, T0, 0.1))
-    assert history.last_duration_by_uuid() == {"u-a": 9.0, "u-b": 30.0, "u-c": 2.0}
+    history.append(rec("u-d", Result.AGENT_UNAVAILABLE, T0, 5.0))
+    history.append(rec("u-e", Result.NOT_RUNNING, T0, 0.0))
+    assert history.last_duration_by_uuid() == {"u-a": 9.0, "u-b": 30.0, "u-c": 2.0, "u-d": 5.0}
 
 
 def test_prune_deletes_old_rows_but_keeps_what_start_up_reads_back(history: History) -> None:
