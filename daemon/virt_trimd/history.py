@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from virt_trimd.records import Result, TrimRecord
+from virt_trimd.records import NOT_ATTEMPTED, Result, TrimRecord
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,20 @@ DB_FILENAME = "history.sqlite3"
 SCHEMA_VERSION = 1
 
 # Results that do not count as a trim for min_interval: nothing was asked of the guest.
-_NOT_A_TRIM = (Result.SKIPPED.value, Result.NOT_RUNNING.value)
+_NOT_A_TRIM = tuple(sorted(r.value for r in NOT_ATTEMPTED))
+
+
+def _latest_ids(table: str, key: str, where: str = "") -> str:
+    """SQL for the id of each `key`'s latest row in `table` (among rows matching `where`).
+
+    Latest by start time; of two started in the same instant, the one written last.
+    """
+    return (
+        f"SELECT id FROM (SELECT id, ROW_NUMBER() OVER ("
+        f" PARTITION BY {key} ORDER BY started_ts DESC, id DESC) AS n"
+        f" FROM {table} {where}) WHERE n = 1"
+    )
+
 
 _SCHEMA_V1 = (
     """
@@ -337,12 +350,10 @@ class History:
         guest): a guest whose agent never answers holds a worker for libvirt's 5 s too.
         Dry runs never count.
         """
-        # Latest by start time; of two started in the same instant, the one written last.
         rows = self._read(
-            "SELECT uuid, duration_seconds FROM ("
-            " SELECT uuid, duration_seconds, ROW_NUMBER() OVER ("
-            "  PARTITION BY uuid ORDER BY started_ts DESC, id DESC) AS n FROM trims"
-            " WHERE result NOT IN (?, ?) AND dry_run = 0) WHERE n = 1",
+            "SELECT uuid, duration_seconds FROM trims WHERE id IN ("
+            + _latest_ids("trims", "uuid", "WHERE result NOT IN (?, ?) AND dry_run = 0")
+            + ")",
             _NOT_A_TRIM,
         )
         return {str(u): float(d) for u, d in rows}
@@ -350,27 +361,15 @@ class History:
     def prune(self, before_ts: float) -> int:
         """Delete trims and sweeps started before `before_ts`; return the trims deleted.
 
-        Kept whatever their age, because the daemon reads them back on start: each
-        domain's latest successful trim (last-success gauge and its alert), each
-        domain's latest attempt (min_interval) and each schedule's latest sweep
-        (catch-up). Each DELETE is one transaction: a crash leaves either side.
+        Kept whatever their age, because start-up reads them back: each domain's latest
+        successful trim (the last-success gauge and its alert) and each schedule's latest
+        sweep (catch-up). Each DELETE is one transaction: a crash leaves either side.
         """
-        latest = (
-            "SELECT id FROM (SELECT id, ROW_NUMBER() OVER ("
-            " PARTITION BY {part} ORDER BY started_ts DESC, id DESC) AS n"
-            " FROM {table} {where}) WHERE n = 1"
-        )
-        keep_success = latest.format(
-            part="domain", table="trims", where="WHERE result = ? AND dry_run = 0"
-        )
-        keep_attempt = latest.format(
-            part="domain", table="trims", where="WHERE result NOT IN (?, ?) AND dry_run = 0"
-        )
-        keep_sweep = latest.format(part="schedule", table="sweeps", where="")
+        keep_success = _latest_ids("trims", "domain", "WHERE result = ? AND dry_run = 0")
+        keep_sweep = _latest_ids("sweeps", "schedule")
         deleted = self._write(
-            f"DELETE FROM trims WHERE started_ts < ? AND id NOT IN ({keep_success})"
-            f" AND id NOT IN ({keep_attempt})",
-            (before_ts, Result.SUCCESS.value, *_NOT_A_TRIM),
+            f"DELETE FROM trims WHERE started_ts < ? AND id NOT IN ({keep_success})",
+            (before_ts, Result.SUCCESS.value),
             what="deletion of old trims",
         )
         self._write(

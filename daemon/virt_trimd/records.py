@@ -29,6 +29,9 @@ class Result(enum.StrEnum):
 # Results that make `virt-trimd trim` exit 1: someone has to look at them.
 FAILED_RESULTS = frozenset({Result.ERROR, Result.TIMEOUT, Result.AGENT_UNAVAILABLE})
 
+# Results where nothing was asked of the guest: they are not a trim attempt.
+NOT_ATTEMPTED = frozenset({Result.SKIPPED, Result.NOT_RUNNING})
+
 
 @dataclass(frozen=True)
 class Disk:

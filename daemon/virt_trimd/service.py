@@ -35,7 +35,7 @@ from .history import History, HistoryError
 from .hypervisor import Hypervisor, HypervisorError, Outcome
 from .measure import MeasureError, Measurer, QemuImgLimits
 from .notify import Notifier
-from .records import DomainInfo, Result, SweepSummary, TrimRecord
+from .records import NOT_ATTEMPTED, DomainInfo, Result, SweepSummary, TrimRecord
 from .schedule import build_trigger, catch_up_due, spread_offset
 from .state import DiskState, State
 from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
@@ -156,8 +156,10 @@ class Daemon:
         retention = self.config.history_retention_seconds
         if self.history is None or retention <= 0:
             return
+        # open_history restores min_interval from the trims inside the longest one.
+        horizon = max((s.min_interval_seconds for s in self.config.schedules), default=0.0)
         try:
-            deleted = self.history.prune(time.time() - retention)
+            deleted = self.history.prune(time.time() - max(retention, horizon))
         except HistoryError as exc:
             # Not fatal and not a write failure of a trim: the next day's run tries again.
             log.error("cannot prune history: %s", exc)
@@ -366,7 +368,7 @@ class Daemon:
                 self.state.set_history_ok(False)
         else:
             self.state.set_history_ok(False)
-        if rec.result not in (Result.SKIPPED, Result.NOT_RUNNING) and not rec.dry_run:
+        if rec.result not in NOT_ATTEMPTED and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
         self.state.observe_trim(rec)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,12 @@ def _record(
     )
 
 
-def _daemon(tmp_path: Path, retention: str = "400d") -> Daemon:
+def _daemon(tmp_path: Path, retention: str = "400d", min_interval: str = "0") -> Daemon:
     cfg = tmp_path / "virt-trimd.yaml"
     cfg.write_text(
         f"state_dir: {tmp_path / 'state'}\nhistory_retention: {retention}\n"
         "schedules:\n  - name: nightly\n    every: 1d\n    domains: ['*']\n"
+        f"    min_interval: {min_interval}\n"
     )
     return Daemon(load_config(cfg), cfg, hostname="host")
 
@@ -130,3 +132,18 @@ def test_closing_census_reuses_guest_used_from_the_trims(
 
     daemon.census(only={"web"})  # without the records it asks the agent
     assert asked == ["u-web"]
+
+
+def test_pruning_never_reaches_into_the_longest_min_interval(tmp_path: Path) -> None:
+    """A retention shorter than min_interval must not let a domain be trimmed too soon."""
+    now = time.time()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 45 * 86400))
+    with History(tmp_path / "state") as hist:
+        hist.append(_record("u-a", Result.ERROR, 1.0, started_at="2020-01-01T03:00:00Z"))
+        hist.append(_record("u-a", Result.PARTIAL, 1.0, started_at=started))
+    daemon = _daemon(tmp_path, retention="30d", min_interval="60d")
+    daemon.open_history()
+    assert daemon.history is not None
+    assert [r.started_at for r in daemon.history.query()] == [started]
+    daemon.history.close()
+    assert daemon.locks.too_soon("u-a", 60 * 86400, now) is not None

@@ -501,10 +501,9 @@ def test_last_duration_is_the_latest_attempt_per_uuid(history: History) -> None:
 def test_prune_deletes_old_rows_but_keeps_what_start_up_reads_back(history: History) -> None:
     day = 86400.0
     cutoff = T0 + 100 * day
-    old_success = make_record("a", Result.SUCCESS, T0, 1.0)
-    history.append(old_success)
+    history.append(make_record("a", Result.SUCCESS, T0, 1.0))
     history.append(make_record("a", Result.SUCCESS, T0 + day, 1.0))  # a's latest success
-    history.append(make_record("a", Result.ERROR, T0 + 2 * day, 1.0))  # a's latest attempt
+    history.append(make_record("a", Result.ERROR, T0 + 2 * day, 1.0))
     history.append(make_record("a", Result.SUCCESS, T0 + 200 * day, 1.0, dry_run=True))
     history.append(make_record("b", Result.SUCCESS, T0 + 3 * day, 1.0, dry_run=True))
     history.append(make_record("b", Result.SKIPPED, T0 + 4 * day, 0.0))
@@ -515,20 +514,17 @@ def test_prune_deletes_old_rows_but_keeps_what_start_up_reads_back(history: Hist
     history.append_sweep("weekly", T0, T0 + 10, 1, 0)
     history.append_sweep("weekly", T0 + 150 * day, T0 + 150 * day + 10, 1, 0)
     success_before = history.last_success_by_domain()
-    trim_before = history.last_trim_by_domain()
     sweep_before = history.last_sweep_by_schedule()
 
-    # Deleted: a's first success, b's dry run and skip, c's older success.
-    assert history.prune(cutoff) == 4
+    # Deleted: a's first success and its error, b's dry run and skip, c's older success.
+    assert history.prune(cutoff) == 5
     kept = [(r.domain, r.result, r.dry_run) for r in history.query()]
     assert kept == [
         ("a", Result.SUCCESS, False),
-        ("a", Result.ERROR, False),
         ("c", Result.SUCCESS, False),
         ("a", Result.SUCCESS, True),
     ]
     assert history.last_success_by_domain() == success_before
-    assert history.last_trim_by_domain() == trim_before
     assert history.last_sweep_by_schedule() == sweep_before
     conn = sqlite3.connect(history.path)
     try:
