@@ -142,7 +142,7 @@ class Daemon:
         try:
             self.state.restore_last_success(self.history.last_success_by_domain())
             self.last_duration.update(self.history.last_duration_by_uuid())
-            horizon = max((s.min_interval_seconds for s in self.config.schedules), default=0.0)
+            horizon = self._min_interval_horizon()
             if horizon > 0:
                 for rec in self.history.query(since_ts=time.time() - horizon):
                     if rec.result in TRIM_ATTEMPTED and not rec.dry_run:
@@ -151,13 +151,17 @@ class Daemon:
             log.error("cannot read history: %s", exc)
         self.prune_history()
 
+    def _min_interval_horizon(self) -> float:
+        """The longest min_interval of any schedule: how far back history must stay."""
+        return max((s.min_interval_seconds for s in self.config.schedules), default=0.0)
+
     def prune_history(self) -> None:
         """Delete history older than history_retention (never what start-up reads back)."""
         retention = self.config.history_retention_seconds
         if self.history is None or retention <= 0:
             return
         # open_history restores min_interval from the trims inside the longest one.
-        horizon = max((s.min_interval_seconds for s in self.config.schedules), default=0.0)
+        horizon = self._min_interval_horizon()
         try:
             deleted = self.history.prune(time.time() - max(retention, horizon))
         except HistoryError as exc:
