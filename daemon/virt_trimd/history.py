@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DB_FILENAME = "history.sqlite3"
 SCHEMA_VERSION = 1
 
-# Results that do not count as a trim for min_interval: nothing was asked of the guest.
+# Results where nothing was asked of the guest, as SQL parameters.
 _NOT_A_TRIM = tuple(sorted(r.value for r in NOT_ATTEMPTED))
 
 
@@ -327,19 +327,6 @@ class History:
             "SELECT domain, MAX(started_ts + duration_seconds) FROM trims"
             " WHERE result = ? AND dry_run = 0 GROUP BY domain",
             (Result.SUCCESS.value,),
-        )
-        return {str(d): float(ts) for d, ts in rows}
-
-    def last_trim_by_domain(self) -> dict[str, float]:
-        """Domain -> started_ts of its latest trim attempt, for min_interval across restarts.
-
-        Every result counts except skipped and not_running (nothing was asked of the
-        guest); dry runs never count.
-        """
-        rows = self._read(
-            "SELECT domain, MAX(started_ts) FROM trims"
-            " WHERE result NOT IN (?, ?) AND dry_run = 0 GROUP BY domain",
-            _NOT_A_TRIM,
         )
         return {str(d): float(ts) for d, ts in rows}
 

@@ -204,17 +204,6 @@ def test_last_success_counts_success_only_at_finish_time(history: History) -> No
     assert history.last_success_by_domain() == {"a": T0 + 2.5, "c": T0 + 6.0}
 
 
-def test_last_trim_ignores_skipped_not_running_and_dry_runs(history: History) -> None:
-    history.append(make_record("a", Result.ERROR, T0))
-    history.append(make_record("a", Result.SKIPPED, T0 + 100))
-    history.append(make_record("a", Result.NOT_RUNNING, T0 + 200))
-    history.append(make_record("a", Result.SUCCESS, T0 + 300, dry_run=True))
-    history.append(make_record("b", Result.NOT_RUNNING, T0))
-    history.append(make_record("c", Result.TIMEOUT, T0 + 7))
-    history.append(make_record("d", Result.AGENT_MISSING, T0 + 8))
-    assert history.last_trim_by_domain() == {"a": T0, "c": T0 + 7, "d": T0 + 8}
-
-
 def test_last_sweep_by_schedule(history: History) -> None:
     assert history.last_sweep_by_schedule() == {}
     history.append_sweep("nightly", T0 + 86400, T0 + 86500, 3, 1 << 30)
