@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from bench.common import BenchResult, Row, at_most, measure_cpu, row
-from virt_trimd.measure import Measurer, qemu_img_info_argv
+from virt_trimd.host.measure import Measurer, qemu_img_info_argv
 
 MIB = 1 << 20
 

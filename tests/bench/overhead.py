@@ -26,14 +26,14 @@ from typing import Any
 
 import libvirt_qemu
 
-import virt_trimd.hypervisor as hvmod
+import virt_trimd.host.hypervisor as hvmod
 from bench.common import BenchResult, Row, at_most, row
 from bench.guests import GuestPool
-from virt_trimd.history import History
-from virt_trimd.hypervisor import Hypervisor
-from virt_trimd.measure import Measurer
-from virt_trimd.state import State
-from virt_trimd.trim import DomainTrimmer, TrimOptions
+from virt_trimd.engine.history import History
+from virt_trimd.engine.state import State
+from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
+from virt_trimd.host.hypervisor import Hypervisor
+from virt_trimd.host.measure import Measurer
 
 FSTRIM = json.dumps({"execute": "guest-fstrim"})
 

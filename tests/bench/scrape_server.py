@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, generate_latest
 
 from virt_trimd import __version__
-from virt_trimd.metrics import TrimdCollector
+from virt_trimd.engine.state import DiskState, State
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
-from virt_trimd.state import DiskState, State
-from virt_trimd.webserver import start_metrics_server
+from virt_trimd.web.collector import TrimdCollector
+from virt_trimd.web.server import start_metrics_server
 
 GIB = 1 << 30
 MIB = 1 << 20

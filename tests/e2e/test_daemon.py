@@ -20,9 +20,9 @@ import rig
 from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
 from e2e.helpers import MIB, QCOW2_CLUSTER, booted_guests, stat_allocated
 from rig import DiskSpec, GuestSpec
-from virt_trimd.history import History
+from virt_trimd.engine.history import History
+from virt_trimd.engine.schedule import spread_offset
 from virt_trimd.records import Result, TrimRecord
-from virt_trimd.schedule import spread_offset
 
 A = GuestSpec("dmn-a", disks=(DiskSpec(fmt="qcow2", bus="scsi", discard="unmap"),))
 B = GuestSpec("dmn-b", disks=(DiskSpec(fmt="raw", bus="virtio", discard="unmap", garbage_mib=150),))

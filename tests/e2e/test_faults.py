@@ -34,12 +34,12 @@ from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, wri
 from e2e.helpers import booted_guests, cli_env
 from faults_libvirtd import PrivateLibvirtd
 from rig import DiskSpec, GuestSpec
-from virt_trimd.history import History
-from virt_trimd.hypervisor import Hypervisor
-from virt_trimd.measure import Measurer
+from virt_trimd.engine.history import History
+from virt_trimd.engine.sweep import run_sweep
+from virt_trimd.engine.trim import PING_TIMEOUT_SECONDS, DomainTrimmer, TrimOptions
+from virt_trimd.host.hypervisor import Hypervisor
+from virt_trimd.host.measure import Measurer
 from virt_trimd.records import DomainInfo, Result, TrimRecord
-from virt_trimd.sweep import run_sweep
-from virt_trimd.trim import PING_TIMEOUT_SECONDS, DomainTrimmer, TrimOptions
 
 A = GuestSpec("flt-a", disks=(DiskSpec(fmt="qcow2", bus="scsi", garbage_mib=64, size_mib=256),))
 B = GuestSpec("flt-b", disks=(DiskSpec(fmt="raw", bus="virtio", garbage_mib=32, size_mib=256),))

@@ -44,11 +44,11 @@ import rig
 from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
 from e2e.helpers import ROOT, virt_trimd
 from rig import DiskSpec, GuestSpec
-from virt_trimd.config import Config
-from virt_trimd.hypervisor import ALLOWED_AGENT_COMMANDS, AgentCommandRefused, Hypervisor
-from virt_trimd.measure import Measurer
+from virt_trimd.config.model import Config
+from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
+from virt_trimd.host.hypervisor import ALLOWED_AGENT_COMMANDS, AgentCommandRefused, Hypervisor
+from virt_trimd.host.measure import Measurer
 from virt_trimd.records import Result
-from virt_trimd.trim import DomainTrimmer, TrimOptions
 
 # What libvirt accepts in a domain name: quotes, a backslash, any Unicode. (A tab too,
 # but libvirt writes it raw into XML attributes, where any XML parser reads it as a
@@ -256,7 +256,7 @@ def test_allowlist_at_the_adapter_boundary() -> None:
 
 def test_package_source_names_no_other_agent_command() -> None:
     names: set[str] = set()
-    for path in (ROOT / "daemon" / "virt_trimd").glob("*.py"):
+    for path in (ROOT / "daemon" / "virt_trimd").rglob("*.py"):
         names |= set(re.findall(r"[\"'](guest-[a-z-]+)[\"']", path.read_text()))
     assert names and names <= ALLOWED_AGENT_COMMANDS, names - ALLOWED_AGENT_COMMANDS
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import virt_trimd
-from virt_trimd.config import (
+from virt_trimd.config.model import (
     ConfigError,
     check_file_permissions,
     example_config_yaml,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.config import load_config
-from virt_trimd.history import History
+from virt_trimd.config.model import load_config
+from virt_trimd.engine.history import History
 from virt_trimd.records import AgentChannel, Disk, DiskRecord, DomainInfo, Result, TrimRecord
-from virt_trimd.service import Daemon, guest_used_from_records
+from virt_trimd.service.daemon import Daemon, guest_used_from_records
 
 
 def _record(

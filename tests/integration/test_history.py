@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import virt_trimd
-from virt_trimd.history import DB_FILENAME, SCHEMA_VERSION, History, HistoryError
+from virt_trimd.engine.history import DB_FILENAME, SCHEMA_VERSION, History, HistoryError
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, TrimRecord
 
 DAEMON_DIR = str(Path(virt_trimd.__file__).resolve().parent.parent)
@@ -304,7 +304,7 @@ import sys
 sys.path.insert(0, {DAEMON_DIR!r})
 from pathlib import Path
 from typing import Any
-from virt_trimd.history import History, HistoryError
+from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, TrimRecord
 """
 

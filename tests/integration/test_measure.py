@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.measure import (
+from virt_trimd.host.measure import (
     CommandError,
     MeasureError,
     Measurer,

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "virt-trimd.service"
-SCHEMA = ROOT / "daemon" / "virt_trimd" / "config_schema.json"
+SCHEMA = ROOT / "daemon" / "virt_trimd" / "config" / "config_schema.json"
 INSTALLED_BINARY = "/usr/local/bin/virt-trimd"
 MAX_EXPOSURE = 2.5
 

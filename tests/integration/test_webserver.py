@@ -20,7 +20,7 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from virt_trimd.webserver import (
+from virt_trimd.web.server import (
     MetricsServer,
     MetricsServerError,
     WebConfigError,
@@ -481,7 +481,7 @@ def test_missing_web_config_file(registry: CollectorRegistry, tmp_path: Path) ->
 
 
 def test_auth_cache_holds_successes_only_and_no_passwords() -> None:
-    from virt_trimd.webserver import _BasicAuth
+    from virt_trimd.web.server import _BasicAuth
 
     auth = _BasicAuth({"prometheus": PASSWORD_HASH.encode()})
     header = basic("prometheus", PASSWORD)["Authorization"]

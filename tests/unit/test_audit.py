@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.audit import (
+from virt_trimd.audit.checks import (
     AGENT_CHANNEL_XML,
     AGENT_INSTALL_HINT,
     DomainAudit,
@@ -22,8 +22,8 @@ from virt_trimd.audit import (
     format_audit_table,
     virtio_blk_discard,
 )
-from virt_trimd.discardfix import backup_xml, enable_discard_xml, safe_filename, unified_diff
-from virt_trimd.domxml import ParsedDomain, parse_domain_xml
+from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, safe_filename, unified_diff
+from virt_trimd.host.domxml import ParsedDomain, parse_domain_xml
 from virt_trimd.records import AgentChannel, DomainInfo
 
 DATA = Path(__file__).parent / "data"

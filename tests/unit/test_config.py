@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from virt_trimd.config import (
+from virt_trimd.config.model import (
     MAX_FILE_BYTES,
     Config,
     ConfigError,

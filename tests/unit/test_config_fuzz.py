@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virt_trimd.config import Config, ConfigError, example_config_yaml, parse_config
+from virt_trimd.config.model import Config, ConfigError, example_config_yaml, parse_config
 
 ERROR_LINE = re.compile(r"^.+:\d+: \S+: .+")
 EXAMPLE = example_config_yaml()

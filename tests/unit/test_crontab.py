@@ -12,7 +12,7 @@ from apscheduler.triggers.cron import CronTrigger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virt_trimd.crontab import crontab_fields, make_cron_trigger, shortest_period_seconds
+from virt_trimd.config.cron import crontab_fields, make_cron_trigger, shortest_period_seconds
 
 UTC = datetime.UTC
 # A Wednesday, so a week of fires crosses the weekend and the cron/APScheduler numbering gap.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.domxml import DomainXMLError, parse_domain_xml, trimmable_disks
+from virt_trimd.host.domxml import DomainXMLError, parse_domain_xml, trimmable_disks
 
 DATA = Path(__file__).parent / "data"
 

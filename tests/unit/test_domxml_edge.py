@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.domxml import DomainXMLError, parse_domain_xml, trimmable_disks
-from virt_trimd.hypervisor import Hypervisor
-from virt_trimd.measure import Measurer
+from virt_trimd.engine.trim import DomainTrimmer
+from virt_trimd.host.domxml import DomainXMLError, parse_domain_xml, trimmable_disks
+from virt_trimd.host.hypervisor import Hypervisor
+from virt_trimd.host.measure import Measurer
 from virt_trimd.records import Disk
-from virt_trimd.trim import DomainTrimmer
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,7 +7,7 @@ import json
 import libvirt
 import pytest
 
-from virt_trimd.hypervisor import (
+from virt_trimd.host.hypervisor import (
     ALLOWED_AGENT_COMMANDS,
     AgentCommandRefused,
     Hypervisor,

@@ -17,13 +17,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from virt_trimd.cli import setup_logging
-from virt_trimd.hypervisor import parse_fstrim_return
-from virt_trimd.logfmt import SafeFormatter, escape_control
-from virt_trimd.metrics import TrimdCollector
+from virt_trimd.cli.main import setup_logging
+from virt_trimd.engine.state import State
+from virt_trimd.engine.trim import _log_record
+from virt_trimd.escaping import SafeFormatter, escape_control
+from virt_trimd.host.hypervisor import parse_fstrim_return
 from virt_trimd.records import DiskRecord, Result, TrimRecord
-from virt_trimd.state import State
-from virt_trimd.trim import _log_record
+from virt_trimd.web.collector import TrimdCollector
 
 FORGED = "2026-01-01 00:00:00,000 CRITICAL virt_trimd.service: forged by a guest"
 DOMAIN = "web 'q' \"dq\" \\ é ü 日本 \t tab"  # what libvirt accepts in a name

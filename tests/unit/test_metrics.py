@@ -8,9 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from virt_trimd.metrics import TrimdCollector
+from virt_trimd.engine.state import DiskState, State, StateSnapshot
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
-from virt_trimd.state import DiskState, State, StateSnapshot
+from virt_trimd.web.collector import TrimdCollector
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=UTC).timestamp()
 GIB = 1 << 30

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.notify import Notifier, notify_socket_address
+from virt_trimd.service.notify import Notifier, notify_socket_address
 
 BACKENDS = [True, False]  # systemd-python (libsystemd), our own datagram sender
 

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from virt_trimd.config import Config, ScheduleConfig
-from virt_trimd.schedule import build_trigger, catch_up_due, fire_times, spread_offset
+from virt_trimd.config.model import Config, ScheduleConfig
+from virt_trimd.engine.schedule import build_trigger, catch_up_due, fire_times, spread_offset
 
 TZ = ZoneInfo("Europe/Berlin")
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from virt_trimd.engine.state import DURATION_BUCKETS, DiskState, State
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
-from virt_trimd.state import DURATION_BUCKETS, DiskState, State
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=UTC).timestamp()
 GIB = 1 << 30
@@ -332,8 +332,8 @@ def test_concurrent_observations_are_not_lost() -> None:
 
 
 def test_census_keeps_the_latest_trim_effectiveness_verdict() -> None:
+    from virt_trimd.engine.state import DiskState, State
     from virt_trimd.records import DiskRecord, Result, TrimRecord
-    from virt_trimd.state import DiskState, State
 
     state = State()
     disk = DiskRecord(

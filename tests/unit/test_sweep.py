@@ -6,9 +6,9 @@ import threading
 import time
 from typing import Any
 
+from virt_trimd.engine.sweep import DomainLocks, run_sweep, select_domains, start_order
+from virt_trimd.engine.trim import TrimOptions
 from virt_trimd.records import AgentChannel, DomainInfo, Result, TrimRecord
-from virt_trimd.sweep import DomainLocks, run_sweep, select_domains, start_order
-from virt_trimd.trim import TrimOptions
 
 
 def _dom(name: str) -> DomainInfo:

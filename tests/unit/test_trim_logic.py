@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from virt_trimd.hypervisor import GuestFilesystem
+from virt_trimd.engine.trim import apply_effectiveness, guest_used_by_disk
+from virt_trimd.host.hypervisor import GuestFilesystem
 from virt_trimd.records import DiskRecord
-from virt_trimd.trim import apply_effectiveness, guest_used_by_disk
 
 MiB = 1 << 20
 

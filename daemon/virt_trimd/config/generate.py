@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .configschema import config_schema
+from virt_trimd.config.schema import config_schema
 
 __all__ = ["example_config_yaml", "schema_reference_markdown"]
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from virt_trimd.records import NOT_ATTEMPTED, Result, TrimRecord
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.history")
 
 DB_FILENAME = "history.sqlite3"
 SCHEMA_VERSION = 1

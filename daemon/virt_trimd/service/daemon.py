@@ -27,32 +27,39 @@ from typing import TYPE_CHECKING, NoReturn
 
 from tzlocal import get_localzone
 
-from . import __version__
-from .audit import discard_ready
-from .config import Config, ConfigError, ScheduleConfig, check_file_permissions, load_config
-from .domxml import trimmable_disks
-from .history import History, HistoryError
-from .hypervisor import Hypervisor, HypervisorError, Outcome
-from .measure import MeasureError, Measurer, QemuImgLimits
-from .notify import Notifier
-from .records import NOT_ATTEMPTED, DomainInfo, Result, SweepSummary, TrimRecord
-from .schedule import build_trigger, catch_up_due, spread_offset
-from .state import DiskState, State
-from .sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
-from .trim import DomainTrimmer, TrimOptions, guest_used_by_disk
-from .units import format_bytes, format_duration
+from virt_trimd import __version__
+from virt_trimd.audit.checks import discard_ready
+from virt_trimd.config.model import (
+    Config,
+    ConfigError,
+    ScheduleConfig,
+    check_file_permissions,
+    load_config,
+)
+from virt_trimd.engine.history import History, HistoryError
+from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offset
+from virt_trimd.engine.state import DiskState, State
+from virt_trimd.engine.sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
+from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_disk
+from virt_trimd.host.domxml import trimmable_disks
+from virt_trimd.host.hypervisor import Hypervisor, HypervisorError, Outcome
+from virt_trimd.host.measure import MeasureError, Measurer, QemuImgLimits
+from virt_trimd.records import NOT_ATTEMPTED, DomainInfo, Result, SweepSummary, TrimRecord
+from virt_trimd.service.notify import Notifier
+from virt_trimd.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
     from prometheus_client import CollectorRegistry
 
-    from .webserver import MetricsServer
+    from virt_trimd.web.server import MetricsServer
 
 # The scheduler, prometheus_client and the web server are imported where they are first
 # used: `run --once` needs none of them (unless --print-metrics), and importing them
 # cost `run --once` about 60 ms of its ~300 ms start-up (docs/BENCHMARKS.md).
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.service")
 
 LOOP_TICK_SECONDS = 1.0
 LIBVIRT_CHECK_SECONDS = 5.0
@@ -122,7 +129,7 @@ class Daemon:
         """The registry the metrics endpoint and `run --once --print-metrics` render."""
         from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
-        from .metrics import TrimdCollector  # noqa: PLC0415
+        from virt_trimd.web.collector import TrimdCollector  # noqa: PLC0415
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(TrimdCollector(self.state, __version__))
@@ -177,7 +184,7 @@ class Daemon:
 
     def start_metrics(self) -> None:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
-        from .webserver import MetricsServerError, WebConfigError, start_metrics_server  # noqa: PLC0415
+        from virt_trimd.web.server import MetricsServerError, WebConfigError, start_metrics_server  # noqa: PLC0415
 
         m = self.config.metrics
         try:
@@ -459,7 +466,7 @@ class Daemon:
 
     def reload(self) -> None:
         """Validate the config file, then swap; keep the old schedules on any error."""
-        from .webserver import WebConfigError, load_web_config  # noqa: PLC0415
+        from virt_trimd.web.server import WebConfigError, load_web_config  # noqa: PLC0415
 
         self.notifier.reloading()
         try:

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .domxml import AGENT_CHANNEL_NAME
-from .records import AgentChannel, Disk
+from virt_trimd.host.domxml import AGENT_CHANNEL_NAME
+from virt_trimd.records import AgentChannel, Disk
 
 QemuVersion = tuple[int, int, int]
 

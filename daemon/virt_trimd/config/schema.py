@@ -23,7 +23,7 @@ KeyPath = tuple[str | int, ...]
 @functools.cache
 def config_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of the configuration file. Do not mutate."""
-    text = importlib.resources.files("virt_trimd").joinpath("config_schema.json").read_text()
+    text = importlib.resources.files("virt_trimd.config").joinpath("config_schema.json").read_text()
     schema: dict[str, Any] = json.loads(text)
     return schema
 

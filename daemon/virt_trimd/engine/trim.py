@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from .domxml import trimmable_disks
-from .hypervisor import GuestFilesystem, Hypervisor, HypervisorError, Outcome
-from .measure import MeasureError, Measurer
-from .records import Disk, DiskRecord, DomainInfo, FilesystemResult, Result, TrimRecord
+from virt_trimd.host.domxml import trimmable_disks
+from virt_trimd.host.hypervisor import GuestFilesystem, Hypervisor, HypervisorError, Outcome
+from virt_trimd.host.measure import MeasureError, Measurer
+from virt_trimd.records import Disk, DiskRecord, DomainInfo, FilesystemResult, Result, TrimRecord
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.trim")
 
 # How long guest-ping may take before we call the agent unavailable. Short on
 # purpose: a missing agent should not cost a whole fstrim timeout.

@@ -14,9 +14,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from virt_trimd.state import State, StateSnapshot
+from virt_trimd.engine.state import State, StateSnapshot
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.metrics")
 
 PREFIX = "virt_trimd_"
 

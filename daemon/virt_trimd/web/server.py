@@ -44,7 +44,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.webserver")
 
 # A client that connects and sends nothing (or plain HTTP slowly) must not hold a
 # server thread for ever; 10 s is far above any loopback or LAN TLS handshake.

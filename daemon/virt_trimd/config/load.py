@@ -23,9 +23,9 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .configschema import KeyPath, schema_at, schema_validator
-from .crontab import crontab_fields
-from .units import parse_duration, parse_size
+from virt_trimd.config.cron import crontab_fields
+from virt_trimd.config.schema import KeyPath, schema_at, schema_validator
+from virt_trimd.units import parse_duration, parse_size
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "DocumentLoader", "parse_listen"]
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .config import ScheduleConfig
-from .crontab import make_cron_trigger
+from virt_trimd.config.cron import make_cron_trigger
+from virt_trimd.config.model import ScheduleConfig
 
 
 def build_trigger(sched: ScheduleConfig, tz: dt.tzinfo) -> BaseTrigger:

@@ -19,17 +19,22 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .configdoc import example_config_yaml, schema_reference_markdown
-from .configload import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, DocumentLoader, parse_listen
-from .configschema import KeyPath, config_schema, schema_at
-from .crontab import shortest_period_seconds
-from .units import format_duration
+from virt_trimd.config.cron import shortest_period_seconds
+from virt_trimd.config.generate import example_config_yaml, schema_reference_markdown
+from virt_trimd.config.load import (
+    MAX_DEPTH,
+    MAX_FILE_BYTES,
+    MAX_NODES,
+    DocumentLoader,
+    parse_listen,
+)
+from virt_trimd.config.schema import KeyPath, config_schema, schema_at
+from virt_trimd.units import format_duration
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -343,10 +348,3 @@ def _leaf_paths(schema: dict[str, Any], prefix: KeyPath) -> Iterator[KeyPath]:
             yield from _leaf_paths(sub, (*prefix, key))
         elif sub.get("type") != "array" or sub["items"].get("type") != "object":
             yield (*prefix, key)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--markdown"]:
-        sys.stdout.write(schema_reference_markdown())
-    else:
-        sys.stdout.write(example_config_yaml())

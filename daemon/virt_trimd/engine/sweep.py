@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .records import DomainInfo, Result, SweepSummary, TrimRecord
-from .trim import DomainTrimmer, TrimOptions, utc_now_iso
+from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, utc_now_iso
+from virt_trimd.records import DomainInfo, Result, SweepSummary, TrimRecord
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.sweep")
 
 
 def select_domains(

@@ -20,7 +20,8 @@ from typing import TypeVar
 
 from virt_trimd.records import DiskRecord, Result, SweepSummary, TrimRecord
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.state")
 
 _T = TypeVar("_T")
 

@@ -10,9 +10,10 @@ import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from .records import AgentChannel, Disk
+from virt_trimd.records import AgentChannel, Disk
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.domxml")
 
 AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"
 

@@ -15,7 +15,8 @@ import socket
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.notify")
 
 _Sender = Callable[[str], bool]
 

@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 
-from .domxml import DomainXMLError, parse_domain_xml
-from .records import DomainInfo, FilesystemResult
+from virt_trimd.host.domxml import DomainXMLError, parse_domain_xml
+from virt_trimd.records import DomainInfo, FilesystemResult
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.hypervisor")
 
 T = TypeVar("T")
 

@@ -20,23 +20,24 @@ from typing import Any, TextIO
 
 from tzlocal import get_localzone
 
-from . import __version__
-from .audit import audit_domain, audit_to_json, format_audit_table
-from .config import Config, ConfigError, load_config
-from .discardfix import backup_xml, enable_discard_xml, unified_diff
-from .domxml import parse_domain_xml
-from .history import History, HistoryError
-from .hypervisor import Hypervisor, HypervisorError, Outcome
-from .logfmt import SafeFormatter
-from .measure import Measurer, QemuImgLimits
-from .records import DomainInfo, SweepSummary, TrimRecord
-from .schedule import fire_times
-from .service import StartupError, run_daemon, run_once
-from .sweep import run_sweep, select_domains
-from .trim import DomainTrimmer, TrimOptions
-from .units import format_bytes, format_duration, parse_duration, parse_size
+from virt_trimd import __version__
+from virt_trimd.audit.checks import audit_domain, audit_to_json, format_audit_table
+from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, unified_diff
+from virt_trimd.config.model import Config, ConfigError, load_config
+from virt_trimd.engine.history import History, HistoryError
+from virt_trimd.engine.schedule import fire_times
+from virt_trimd.engine.sweep import run_sweep, select_domains
+from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
+from virt_trimd.escaping import SafeFormatter
+from virt_trimd.host.domxml import parse_domain_xml
+from virt_trimd.host.hypervisor import Hypervisor, HypervisorError, Outcome
+from virt_trimd.host.measure import Measurer, QemuImgLimits
+from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
+from virt_trimd.service.daemon import StartupError, run_daemon, run_once
+from virt_trimd.units import format_bytes, format_duration, parse_duration, parse_size
 
-log = logging.getLogger(__name__)
+# Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
+log = logging.getLogger("virt_trimd.cli")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -225,7 +226,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = load_config(path)
     web = config.metrics.web_config_file
     if web is not None:
-        from .webserver import WebConfigError, load_web_config  # noqa: PLC0415
+        from virt_trimd.web.server import WebConfigError, load_web_config  # noqa: PLC0415
 
         try:
             load_web_config(web)

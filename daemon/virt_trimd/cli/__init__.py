@@ -1,0 +1,5 @@
+"""The command line: parses arguments, calls the library, prints results."""
+
+from virt_trimd.cli.main import main
+
+__all__ = ["main"]

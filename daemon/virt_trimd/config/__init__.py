@@ -1,0 +1,1 @@
+"""Configuration: YAML loaded with FILE:LINE errors, validated against the schema, frozen."""

@@ -1,0 +1,1 @@
+"""Trimming: one domain, a sweep of many, schedules, the SQLite history and in-memory state."""

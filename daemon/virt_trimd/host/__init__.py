@@ -1,0 +1,1 @@
+"""The outside world: libvirt and the guest agent, domain XML, qemu-img and stat of images."""

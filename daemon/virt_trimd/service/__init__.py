@@ -1,0 +1,1 @@
+"""The daemon: the main loop, signals, reload, sd_notify and the watchdog."""

@@ -1,0 +1,1 @@
+"""The metrics endpoint: the collector rendering state at scrape time, the HTTP(S) server."""
