@@ -46,7 +46,8 @@ from e2e.helpers import ROOT, virt_trimd
 from rig import DiskSpec, GuestSpec
 from virt_trimd.config.model import Config
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
-from virt_trimd.host.hypervisor import ALLOWED_AGENT_COMMANDS, AgentCommandRefused, Hypervisor
+from virt_trimd.host.agent import ALLOWED_AGENT_COMMANDS, AgentCommandRefused
+from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import Measurer
 from virt_trimd.records import Result
 

@@ -7,17 +7,16 @@ import json
 import libvirt
 import pytest
 
-from virt_trimd.host.hypervisor import (
+from virt_trimd.host.agent import (
     ALLOWED_AGENT_COMMANDS,
     AgentCommandRefused,
-    Hypervisor,
     HypervisorError,
     Outcome,
-    _parse_agent_reply,
-    classify,
+    parse_agent_reply,
     parse_fstrim_return,
     parse_guest_filesystems,
 )
+from virt_trimd.host.hypervisor import Hypervisor, classify
 
 
 def _err(code: int, domain: int = libvirt.VIR_FROM_QEMU) -> libvirt.libvirtError:
@@ -82,7 +81,7 @@ def test_fstrim_reply_non_dict_entries_and_long_names() -> None:
 )
 def test_agent_reply_untrusted(reply: str) -> None:
     with pytest.raises(HypervisorError):
-        _parse_agent_reply("guest-fstrim", reply)
+        parse_agent_reply("guest-fstrim", reply)
 
 
 def test_guest_filesystems_decoding() -> None:

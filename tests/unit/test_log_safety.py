@@ -21,7 +21,7 @@ from virt_trimd.cli.main import setup_logging
 from virt_trimd.engine.state import State
 from virt_trimd.engine.trim import _log_record
 from virt_trimd.escaping import SafeFormatter, escape_control
-from virt_trimd.host.hypervisor import parse_fstrim_return
+from virt_trimd.host.agent import parse_fstrim_return
 from virt_trimd.records import DiskRecord, Result, TrimRecord
 from virt_trimd.web.collector import TrimdCollector
 

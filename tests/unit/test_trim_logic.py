@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from virt_trimd.engine.trim import apply_effectiveness, guest_used_by_disk
-from virt_trimd.host.hypervisor import GuestFilesystem
+from virt_trimd.host.agent import GuestFilesystem
 from virt_trimd.records import DiskRecord
 
 MiB = 1 << 20

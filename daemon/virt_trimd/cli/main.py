@@ -29,8 +29,9 @@ from virt_trimd.engine.schedule import fire_times
 from virt_trimd.engine.sweep import run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter
+from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import parse_domain_xml
-from virt_trimd.host.hypervisor import Hypervisor, HypervisorError, Outcome
+from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import Measurer, QemuImgLimits
 from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
 from virt_trimd.service.daemon import StartupError, run_daemon, run_once

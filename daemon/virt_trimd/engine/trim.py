@@ -11,11 +11,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
+from virt_trimd.host.agent import GuestFilesystem, HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
-from virt_trimd.host.hypervisor import GuestFilesystem, Hypervisor, HypervisorError, Outcome
 from virt_trimd.host.measure import MeasureError, Measurer
 from virt_trimd.records import Disk, DiskRecord, DomainInfo, FilesystemResult, Result, TrimRecord
+
+if TYPE_CHECKING:
+    # Only for annotations: the engine receives a connected Hypervisor and never loads
+    # libvirt itself, so its unit tests run without it.
+    from virt_trimd.host.hypervisor import Hypervisor
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.trim")

@@ -41,8 +41,9 @@ from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offse
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_disk
+from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
-from virt_trimd.host.hypervisor import Hypervisor, HypervisorError, Outcome
+from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer, QemuImgLimits
 from virt_trimd.records import NOT_ATTEMPTED, DomainInfo, Result, SweepSummary, TrimRecord
 from virt_trimd.service.notify import Notifier
