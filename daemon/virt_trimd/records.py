@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -25,12 +27,31 @@ class Result(enum.StrEnum):
     SKIPPED = "skipped"  # deliberately not trimmed (block job, min_interval, dry run)
     ERROR = "error"
 
+    # The groupings below are the only ones: every part asks the result, none keeps a set.
 
-# Results that make `virt-trimd trim` exit 1: someone has to look at them.
-FAILED_RESULTS = frozenset({Result.ERROR, Result.TIMEOUT, Result.AGENT_UNAVAILABLE})
+    @property
+    def needs_attention(self) -> bool:
+        """Someone has to look: `trim` exits 1, the log line is a warning."""
+        return self in (Result.ERROR, Result.TIMEOUT, Result.AGENT_UNAVAILABLE)
 
-# Results where nothing was asked of the guest: they are not a trim attempt.
-NOT_ATTEMPTED = frozenset({Result.SKIPPED, Result.NOT_RUNNING})
+    @property
+    def attempted(self) -> bool:
+        """Something was asked of the guest, so the duration means something.
+
+        Not for `skipped`, `not_running` and `agent_missing` (no channel, nothing sent):
+        their ~0 s would drag duration metrics and the longest-first order down.
+        """
+        return self not in (Result.SKIPPED, Result.NOT_RUNNING, Result.AGENT_MISSING)
+
+    @property
+    def fstrim_sent(self) -> bool:
+        """The guest ran, or was asked to run, fstrim: the trim counts for min_interval."""
+        return self in (Result.SUCCESS, Result.PARTIAL, Result.TIMEOUT)
+
+    @property
+    def agent_answered(self) -> bool:
+        """guest-fstrim came back, so the guest's filesystem usage was read too."""
+        return self in (Result.SUCCESS, Result.PARTIAL)
 
 
 @dataclass(frozen=True)
@@ -124,7 +145,7 @@ class TrimRecord:
     uuid: str
     result: Result
     message: str
-    started_at: str  # ISO 8601, UTC
+    started_at: str  # ISO 8601, UTC; a stamp without a zone is UTC too
     duration_seconds: float
     filesystems: tuple[FilesystemResult, ...] = ()
     disks: tuple[DiskRecord, ...] = ()
@@ -135,6 +156,24 @@ class TrimRecord:
     def reclaimed_bytes(self) -> int:
         """Sum of measured per-disk reclaim (may be negative if guests wrote)."""
         return sum(d.reclaimed_bytes or 0 for d in self.disks)
+
+    @property
+    def started_ts(self) -> float:
+        """`started_at` in epoch seconds. Raises ValueError if it is not ISO 8601.
+
+        A stamp without a zone is UTC (what `started_at` always is), never the host's
+        local time: history rows written on a host in another zone must mean the same.
+        """
+        moment = datetime.fromisoformat(self.started_at)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+
+    @property
+    def finished_ts(self) -> float:
+        """`started_ts` plus the duration (a negative or non-finite one counts as 0)."""
+        duration = self.duration_seconds
+        return self.started_ts + (duration if math.isfinite(duration) and duration > 0 else 0.0)
 
     @property
     def guest_trimmed_bytes(self) -> int:
@@ -192,4 +231,4 @@ class SweepSummary:
     @property
     def failed(self) -> bool:
         """True if any record's result needs an operator's attention."""
-        return any(r.result in FAILED_RESULTS for r in self.records)
+        return any(r.result.needs_attention for r in self.records)

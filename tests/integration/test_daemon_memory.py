@@ -147,3 +147,26 @@ def test_pruning_never_reaches_into_the_longest_min_interval(tmp_path: Path) -> 
     assert [r.started_at for r in daemon.history.query()] == [started]
     daemon.history.close()
     assert daemon.locks.too_soon("u-a", 60 * 86400, now) is not None
+
+
+def test_restart_reads_a_zoneless_started_at_as_utc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """min_interval after a restart must not depend on the host's zone (it did: local time)."""
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14: a local reading is 14 h off
+    time.tzset()
+    try:
+        now = time.time()
+        naive = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - 3600))  # no zone: UTC
+        with History(tmp_path / "state") as hist:
+            hist.append(_record("u-a", Result.SUCCESS, 10.0, started_at=naive))
+        daemon = _daemon(tmp_path, min_interval="12h")
+        daemon.open_history()
+        assert daemon.history is not None
+        daemon.history.close()
+        since = daemon.locks.too_soon("u-a", 12 * 3600, now)
+        assert since is not None
+        assert since == pytest.approx(3600 - 10.0, abs=2.0)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -13,12 +13,11 @@ import logging
 import os
 import sqlite3
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from virt_trimd.records import NOT_ATTEMPTED, Result, TrimRecord
+from virt_trimd.records import Result, TrimRecord
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.history")
@@ -27,7 +26,7 @@ DB_FILENAME = "history.sqlite3"
 SCHEMA_VERSION = 1
 
 # Results where nothing was asked of the guest, as SQL parameters.
-_NOT_A_TRIM = tuple(sorted(r.value for r in NOT_ATTEMPTED))
+_NOT_A_TRIM = tuple(sorted(r.value for r in Result if not r.attempted))
 
 
 def _latest_ids(table: str, key: str, where: str = "") -> str:
@@ -76,18 +75,6 @@ _SCHEMA_V1 = (
 
 class HistoryError(Exception):
     """The history database cannot be opened, read or written."""
-
-
-def started_ts_from_iso(started_at: str) -> float:
-    """Epoch seconds of an ISO 8601 timestamp; a naive one is taken as UTC.
-
-    Raises ValueError when `started_at` is not ISO 8601.
-    """
-    moment = datetime.fromisoformat(started_at)
-    if moment.tzinfo is None:
-        # TrimRecord.started_at is documented as UTC; the host's local zone must not leak in.
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 class History:
@@ -219,7 +206,7 @@ class History:
         directory, disk full, I/O error) or `record.started_at` is not ISO 8601.
         """
         try:
-            started_ts = started_ts_from_iso(record.started_at)
+            started_ts = record.started_ts
             record_json = json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False)
         except ValueError as exc:
             raise HistoryError(f"cannot store trim of {record.domain!r}: {exc}") from exc
@@ -334,13 +321,17 @@ class History:
     def last_duration_by_uuid(self) -> dict[str, float]:
         """Domain UUID -> duration of its latest trim attempt, to start long ones first.
 
-        Every result counts except skipped and not_running (nothing was asked of the
-        guest): a guest whose agent never answers holds a worker for libvirt's 5 s too.
+        Only attempted results count (`Result.attempted`): a guest whose agent never
+        answers holds a worker for libvirt's 5 s too.
         Dry runs never count.
         """
         rows = self._read(
             "SELECT uuid, duration_seconds FROM trims WHERE id IN ("
-            + _latest_ids("trims", "uuid", "WHERE result NOT IN (?, ?) AND dry_run = 0")
+            + _latest_ids(
+                "trims",
+                "uuid",
+                f"WHERE result NOT IN ({', '.join('?' * len(_NOT_A_TRIM))}) AND dry_run = 0",
+            )
             + ")",
             _NOT_A_TRIM,
         )

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -44,10 +43,6 @@ DURATION_BUCKETS: tuple[float, ...] = (
     3600.0,
     math.inf,
 )
-
-# Results where no fstrim was attempted: their ~0 s "duration" would only drag the
-# duration histogram and last_trim_duration towards zero.
-_NOT_ATTEMPTED = frozenset({Result.SKIPPED, Result.NOT_RUNNING, Result.AGENT_MISSING})
 
 
 @dataclass(frozen=True)
@@ -164,7 +159,7 @@ class State:
                 )
             for disk in record.disks:
                 self._apply_disk_record(domain, disk)
-            if record.result in _NOT_ATTEMPTED:
+            if not record.result.attempted:
                 return
             duration = record.duration_seconds
             if math.isfinite(duration) and duration >= 0:
@@ -324,7 +319,7 @@ def _newer(new: _T | None, old: _T | None) -> _T | None:
 
 def _finished_ts(record: TrimRecord, now: float | None) -> float:
     try:
-        started = datetime.fromisoformat(record.started_at)
+        return record.finished_ts
     except ValueError:
         log.warning(
             "trim of %s has unparseable started_at %r; using the current time",
@@ -332,8 +327,3 @@ def _finished_ts(record: TrimRecord, now: float | None) -> float:
             record.started_at,
         )
         return time.time() if now is None else now
-    if started.tzinfo is None:
-        # TrimRecord.started_at is documented as UTC; the host's zone must not leak in.
-        started = started.replace(tzinfo=UTC)
-    duration = record.duration_seconds
-    return started.timestamp() + (duration if math.isfinite(duration) and duration > 0 else 0.0)

@@ -69,10 +69,6 @@ class DomainLocks:
         return now - last
 
 
-# Results that mean the guest really ran (or tried to run) fstrim: they count for min_interval.
-TRIM_ATTEMPTED = frozenset({Result.SUCCESS, Result.PARTIAL, Result.TIMEOUT})
-
-
 def run_sweep(
     trimmer: DomainTrimmer,
     domains: Sequence[DomainInfo],
@@ -120,7 +116,7 @@ def run_sweep(
                     f"skipped: trimmed {since:.0f}s ago, min_interval is {min_interval_seconds:g}s",
                 )
             record = trimmer.trim(dom, opts)
-            if record.result in TRIM_ATTEMPTED and not opts.dry_run:
+            if record.result.fstrim_sent and not opts.dry_run:
                 trimmed_at = wall_clock()
             return record
         except Exception:  # a bug must not kill the sweep; record it and go on

@@ -315,7 +315,7 @@ def apply_effectiveness(
 
 def _log_record(record: TrimRecord) -> None:
     level = logging.INFO
-    if record.result in (Result.ERROR, Result.TIMEOUT, Result.AGENT_UNAVAILABLE):
+    if record.result.needs_attention:
         level = logging.WARNING
     log.log(
         level,

@@ -39,13 +39,13 @@ from virt_trimd.config.model import (
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offset
 from virt_trimd.engine.state import DiskState, State
-from virt_trimd.engine.sweep import TRIM_ATTEMPTED, DomainLocks, run_sweep, select_domains
+from virt_trimd.engine.sweep import DomainLocks, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_disk
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer, QemuImgLimits
-from virt_trimd.records import NOT_ATTEMPTED, DomainInfo, Result, SweepSummary, TrimRecord
+from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
 from virt_trimd.service.notify import Notifier
 from virt_trimd.units import format_bytes, format_duration
 
@@ -153,8 +153,8 @@ class Daemon:
             horizon = self._min_interval_horizon()
             if horizon > 0:
                 for rec in self.history.query(since_ts=time.time() - horizon):
-                    if rec.result in TRIM_ATTEMPTED and not rec.dry_run:
-                        self.locks.release(rec.uuid, _finished(rec))
+                    if rec.result.fstrim_sent and not rec.dry_run:
+                        self.locks.release(rec.uuid, rec.finished_ts)
         except HistoryError as exc:
             log.error("cannot read history: %s", exc)
         self.prune_history()
@@ -380,7 +380,7 @@ class Daemon:
                 self.state.set_history_ok(False)
         else:
             self.state.set_history_ok(False)
-        if rec.result not in NOT_ATTEMPTED and not rec.dry_run:
+        if rec.result.attempted and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
         self.state.observe_trim(rec)
 
@@ -621,11 +621,6 @@ class Daemon:
         signal.signal(signal.SIGINT, on_term)
 
 
-def _finished(rec: TrimRecord) -> float:
-    started = dt.datetime.fromisoformat(rec.started_at.replace("Z", "+00:00"))
-    return started.timestamp() + rec.duration_seconds
-
-
 def _keep_restart_only(new: Config, old: Config) -> Config:
     return dataclasses.replace(
         new, metrics=old.metrics, libvirt_uri=old.libvirt_uri, state_dir=old.state_dir
@@ -676,7 +671,7 @@ def guest_used_from_records(records: Collection[TrimRecord]) -> dict[str, dict[s
     """Guest-used bytes by disk from trims whose effectiveness check read them."""
     known: dict[str, dict[str, int]] = {}
     for rec in records:
-        if rec.result in (Result.SUCCESS, Result.PARTIAL):
+        if rec.result.agent_answered:
             used = {d.disk: d.guest_used_bytes for d in rec.disks if d.guest_used_bytes is not None}
             if used:
                 known[rec.domain] = used
