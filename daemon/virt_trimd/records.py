@@ -109,6 +109,15 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class QemuImgLimits:
+    """Bounds for one qemu-img run (guest-controlled input); the config's `qemu_img`."""
+
+    timeout_seconds: float = 30.0
+    cpu_seconds: int = 10
+    address_space_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
 class FilesystemResult:
     """One entry of guest-fstrim's `paths` array."""
 

@@ -19,8 +19,8 @@ import pytest
 
 from virt_trimd.engine.trim import DomainTrimmer
 from virt_trimd.host.hypervisor import Hypervisor
-from virt_trimd.host.measure import MeasureError, Measurer, QemuImgLimits
-from virt_trimd.records import Disk
+from virt_trimd.host.measure import MeasureError, Measurer
+from virt_trimd.records import Disk, QemuImgLimits
 
 MiB = 1 << 20
 # Small enough that a hang shows up as "timed out" quickly; qemu-img needs milliseconds.

@@ -20,7 +20,6 @@ from virt_trimd.config.model import (
     config_schema,
     example_config_yaml,
     load_config,
-    load_optional_config,
     parse_config,
     parse_listen,
     schema_reference_markdown,
@@ -77,12 +76,6 @@ def test_defaults() -> None:
 def test_an_empty_file_means_all_defaults(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
     assert load_config(path) == dataclasses.replace(Config.default(), source=path)
-
-
-def test_no_file_means_defaults(tmp_path: Path) -> None:
-    assert load_optional_config(None) == Config.default()
-    path = write(tmp_path, "census_interval: 0\n")
-    assert load_optional_config(path).census_interval_seconds == 0.0
 
 
 def test_config_is_frozen() -> None:

@@ -23,7 +23,7 @@ from tzlocal import get_localzone
 from virt_trimd import __version__
 from virt_trimd.audit.checks import audit_domain, audit_to_json, format_audit_table
 from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, unified_diff
-from virt_trimd.config.model import Config, ConfigError, load_config
+from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times
 from virt_trimd.engine.sweep import run_sweep, select_domains
@@ -32,7 +32,7 @@ from virt_trimd.escaping import SafeFormatter
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import parse_domain_xml
 from virt_trimd.host.hypervisor import Hypervisor
-from virt_trimd.host.measure import Measurer, QemuImgLimits
+from virt_trimd.host.measure import Measurer
 from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
 from virt_trimd.service.daemon import StartupError, run_daemon, run_once
 from virt_trimd.units import format_bytes, format_duration, parse_duration, parse_size
@@ -44,11 +44,13 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-DEFAULT_CONFIG = Path("/etc/virt-trimd/config.yaml")
-
 
 class UsageError(Exception):
     """Bad arguments or configuration: exit status 2."""
+
+
+class CommandFailed(Exception):
+    """The command could not do its work (a file, libvirt, the history): exit status 1."""
 
 
 def setup_logging(level: str, force_stderr: bool = False) -> None:
@@ -78,7 +80,7 @@ def setup_logging(level: str, force_stderr: bool = False) -> None:
 def _load(args: argparse.Namespace, required: bool = False) -> Config:
     path: Path | None = getattr(args, "config", None)
     if path is None and required:
-        path = DEFAULT_CONFIG
+        path = DEFAULT_CONFIG_PATH
     config = Config.default() if path is None else load_config(path)
     uri = getattr(args, "connect", None)
     if uri:
@@ -136,19 +138,11 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
     try:
         hv.connect()
         domains = _resolve_domains(hv, args.domains, args.all)
-        measurer = Measurer(_limits(config))
-        trimmer = DomainTrimmer(hv, measurer)
-        opts = TrimOptions(
-            timeout_seconds=timeout,
-            minimum_bytes=minimum,
-            dry_run=args.dry_run,
-            min_residual_bytes=config.effectiveness.min_residual_bytes,
-            residual_ratio=config.effectiveness.residual_ratio,
+        trimmer = DomainTrimmer(hv, Measurer(config.qemu_img))
+        opts = TrimOptions.from_config(
+            config, timeout_seconds=timeout, minimum_bytes=minimum, dry_run=args.dry_run
         )
         summary = run_sweep(trimmer, domains, opts, concurrency=args.concurrency)
-    except HypervisorError as exc:
-        print(f"virt-trimd: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
     finally:
         hv.close()
     if args.json:
@@ -157,14 +151,6 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(format_table(summary.records))
     return EXIT_FAILED if summary.failed else EXIT_OK
-
-
-def _limits(config: Config) -> QemuImgLimits:
-    return QemuImgLimits(
-        timeout_seconds=config.qemu_img.timeout_seconds,
-        cpu_seconds=config.qemu_img.cpu_seconds,
-        address_space_bytes=config.qemu_img.address_space_bytes,
-    )
 
 
 def summary_json(summary: SweepSummary) -> dict[str, Any]:
@@ -223,7 +209,7 @@ def format_table(records: Sequence[TrimRecord]) -> str:
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """`virt-trimd check-config`: validate the file, print every error."""
-    path = args.config or DEFAULT_CONFIG
+    path = args.config or DEFAULT_CONFIG_PATH
     config = load_config(path)
     web = config.metrics.web_config_file
     if web is not None:
@@ -242,21 +228,13 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     """`virt-trimd run`: the daemon, or with --once every schedule's sweep now."""
-    path = args.config or DEFAULT_CONFIG
+    path = args.config or DEFAULT_CONFIG_PATH
     if not args.once:
-        try:
-            return run_daemon(path)
-        except StartupError as exc:
-            print(f"virt-trimd: cannot start: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+        return run_daemon(path)
     config = load_config(path)
     if not config.schedules:
         raise UsageError(f"{path}: no schedules configured; nothing to run")
-    try:
-        summary, daemon = run_once(config, path)
-    except HypervisorError as exc:
-        print(f"virt-trimd: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
+    summary, daemon = run_once(config, path)
     if args.json:
         json.dump(summary_json(summary), out, indent=2)
         out.write("\n")
@@ -315,12 +293,8 @@ def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             since_ts = time.time() - parse_duration(args.since)
         except ValueError as exc:
             raise UsageError(f"--since: {exc}") from exc
-    try:
-        with History(state_dir, readonly=True) as hist:
-            records = hist.query(domain=args.domain, since_ts=since_ts, limit=args.limit)
-    except HistoryError as exc:
-        print(f"virt-trimd: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    with History(state_dir, readonly=True) as hist:
+        records = hist.query(domain=args.domain, since_ts=since_ts, limit=args.limit)
     if args.json:
         json.dump({"trims": [r.to_dict() for r in records]}, out, indent=2)
         out.write("\n")
@@ -368,9 +342,6 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
             xml = hv.persistent_xml(info.name)
             persistent = parse_domain_xml(xml) if xml is not None else None
             audits.append(audit_domain(info if info.running else None, persistent, qemu))
-    except HypervisorError as exc:
-        print(f"virt-trimd: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
     finally:
         hv.close()
     if args.json:
@@ -404,12 +375,8 @@ def _enable_discard(args: argparse.Namespace, config: Config, out: TextIO) -> in
                 f"{safe_cell(name)}: discard='unmap' set on {', '.join(changed)}; "
                 f"previous definition saved to {backup}\n"
             )
-    except HypervisorError as exc:
-        print(f"virt-trimd: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
-    except (OSError, ValueError) as exc:
-        print(f"virt-trimd: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (OSError, ValueError) as exc:  # the backup file, or XML enable_discard_xml refused
+        raise CommandFailed(str(exc)) from exc
     finally:
         hv.close()
     if changed_any and not args.dry_run:
@@ -423,6 +390,9 @@ def _enable_discard(args: argparse.Namespace, config: Config, out: TextIO) -> in
 # -- argument parsing --------------------------------------------------------------
 
 
+CONFIG_HELP = f"YAML configuration (default {DEFAULT_CONFIG_PATH})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -432,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"virt-trimd {__version__}")
     parser.add_argument(
         "--log-level",
-        default="WARNING",
+        default=None,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity on stderr (default WARNING; `run` defaults to INFO)",
     )
@@ -454,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the daemon (systemd service), or --once for cron")
     p.add_argument(
-        "--config", type=Path, metavar="FILE", help=f"YAML configuration (default {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"YAML configuration (default {DEFAULT_CONFIG_PATH})",
     )
     p.add_argument(
         "--once",
@@ -471,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schedules", help="next fire times and matching domains")
     p.add_argument(
-        "--config", type=Path, metavar="FILE", help=f"YAML configuration (default {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"YAML configuration (default {DEFAULT_CONFIG_PATH})",
     )
     p.add_argument("--connect", metavar="URI", help="libvirt URI (default from config)")
     p.add_argument("--count", type=int, default=3, metavar="N", help="fire times to show")
@@ -505,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate the configuration file")
     p.add_argument(
-        "--config", type=Path, metavar="FILE", help=f"YAML configuration (default {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"YAML configuration (default {DEFAULT_CONFIG_PATH})",
     )
     p.set_defaults(func=cmd_check_config)
     return parser
@@ -516,10 +495,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = out or sys.stdout
-    level = args.log_level
-    if args.command == "run" and "--log-level" not in (argv or sys.argv):
-        level = "INFO"
-    setup_logging(level)
+    setup_logging(log_level(args))
+    # The one place where errors become exit codes; commands raise, they never print them.
     try:
         return int(args.func(args, out))
     except ConfigError as exc:
@@ -528,8 +505,24 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except UsageError as exc:
         print(f"virt-trimd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except HypervisorError as exc:
+        print(f"virt-trimd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except StartupError as exc:
+        print(f"virt-trimd: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (HistoryError, CommandFailed) as exc:
+        print(f"virt-trimd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """--log-level if given (in any spelling argparse accepts), else INFO for `run`, WARNING."""
+    if args.log_level is not None:
+        return str(args.log_level)
+    return "INFO" if args.command == "run" else "WARNING"
 
 
 if __name__ == "__main__":

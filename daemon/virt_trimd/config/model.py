@@ -34,6 +34,7 @@ from virt_trimd.config.load import (
     parse_listen,
 )
 from virt_trimd.config.schema import KeyPath, config_schema, schema_at
+from virt_trimd.records import QemuImgLimits
 from virt_trimd.units import format_duration
 
 __all__ = [
@@ -45,13 +46,13 @@ __all__ = [
     "ConfigError",
     "EffectivenessConfig",
     "MetricsConfig",
-    "QemuImgConfig",
+    "QemuImgLimits",
     "ScheduleConfig",
     "check_file_permissions",
     "config_schema",
     "example_config_yaml",
     "load_config",
-    "load_optional_config",
+    "matches_globs",
     "parse_config",
     "parse_listen",
     "schema_reference_markdown",
@@ -91,13 +92,14 @@ class EffectivenessConfig:
     residual_ratio: float
 
 
-@dataclass(frozen=True)
-class QemuImgConfig:
-    """Limits for each qemu-img run."""
+def matches_globs(name: str, include: Sequence[str], exclude: Sequence[str] = ()) -> bool:
+    """True if an `include` glob matches `name` and no `exclude` glob does.
 
-    timeout_seconds: float
-    cpu_seconds: int
-    address_space_bytes: int
+    Case-sensitive (fnmatchcase), like libvirt domain names, on every platform.
+    """
+    return any(fnmatch.fnmatchcase(name, g) for g in include) and not any(
+        fnmatch.fnmatchcase(name, g) for g in exclude
+    )
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,7 @@ class ScheduleConfig:
 
         Case-sensitive, like libvirt domain names.
         """
-        return any(fnmatch.fnmatchcase(domain_name, glob) for glob in self.domains) and not any(
-            fnmatch.fnmatchcase(domain_name, glob) for glob in self.exclude
-        )
+        return matches_globs(domain_name, self.domains, self.exclude)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Config:
     shutdown_grace_seconds: float
     agent_timeout_seconds: float
     effectiveness: EffectivenessConfig
-    qemu_img: QemuImgConfig
+    qemu_img: QemuImgLimits
     schedules: tuple[ScheduleConfig, ...]
     source: Path | None = None
 
@@ -170,11 +170,6 @@ def load_config(path: Path) -> Config:
             [f"{path}:1: (root): the file is larger than {MAX_FILE_BYTES} bytes; wrong file?"]
         )
     return parse_config(data, path)
-
-
-def load_optional_config(path: Path | None) -> Config:
-    """``load_config(path)``, or all defaults when no file is given (the one-shot CLI)."""
-    return Config.default() if path is None else load_config(path)
 
 
 def parse_config(data: str | bytes, source: Path | None = None) -> Config:
@@ -283,7 +278,7 @@ class _Loader(DocumentLoader):
                 min_residual_bytes=top[("effectiveness", "min_residual")],
                 residual_ratio=top[("effectiveness", "residual_ratio")],
             ),
-            qemu_img=QemuImgConfig(
+            qemu_img=QemuImgLimits(
                 timeout_seconds=top[("qemu_img", "timeout")],
                 cpu_seconds=top[("qemu_img", "cpu_seconds")],
                 address_space_bytes=top[("qemu_img", "address_space")],

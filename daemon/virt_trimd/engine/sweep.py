@@ -6,7 +6,6 @@ locks shared across sweeps make sure two schedules never trim one domain at once
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import threading
@@ -15,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from virt_trimd.config.model import matches_globs
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, utc_now_iso
 from virt_trimd.records import DomainInfo, Result, SweepSummary, TrimRecord
 
@@ -26,12 +26,7 @@ def select_domains(
     domains: Iterable[DomainInfo], include: Sequence[str], exclude: Sequence[str] = ()
 ) -> list[DomainInfo]:
     """Domains whose name matches an include glob and no exclude glob, sorted by name."""
-    picked = [
-        d
-        for d in domains
-        if any(fnmatch.fnmatchcase(d.name, g) for g in include)
-        and not any(fnmatch.fnmatchcase(d.name, g) for g in exclude)
-    ]
+    picked = [d for d in domains if matches_globs(d.name, include, exclude)]
     return sorted(picked, key=lambda d: d.name)
 
 

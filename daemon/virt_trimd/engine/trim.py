@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from virt_trimd.config.model import Config
 from virt_trimd.host.agent import GuestFilesystem, HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.measure import MeasureError, Measurer
@@ -44,6 +45,26 @@ class TrimOptions:
     check_block_jobs: bool = True
     min_residual_bytes: int = 64 << 20
     residual_ratio: float = 0.10
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        timeout_seconds: float,
+        minimum_bytes: int,
+        schedule: str | None = None,
+        dry_run: bool = False,
+    ) -> TrimOptions:
+        """Options for one sweep: the call's knobs plus the config's effectiveness rule."""
+        return cls(
+            timeout_seconds=timeout_seconds,
+            minimum_bytes=minimum_bytes,
+            dry_run=dry_run,
+            schedule=schedule,
+            min_residual_bytes=config.effectiveness.min_residual_bytes,
+            residual_ratio=config.effectiveness.residual_ratio,
+        )
 
 
 _OUTCOME_RESULT = {

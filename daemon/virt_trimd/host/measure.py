@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from virt_trimd.records import Allocation
+from virt_trimd.records import Allocation, QemuImgLimits
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.measure")
@@ -29,15 +29,6 @@ class MeasureError(Exception):
 
 class CommandError(MeasureError):
     """An external command failed, timed out or was killed by its limits."""
-
-
-@dataclass(frozen=True)
-class QemuImgLimits:
-    """Bounds for one qemu-img run: the image is guest-controlled input."""
-
-    timeout_seconds: float = 30.0
-    cpu_seconds: int = 10
-    address_space_bytes: int = 1 << 30
 
 
 def qemu_img_info_argv(path: str, fmt: str) -> tuple[str, ...]:

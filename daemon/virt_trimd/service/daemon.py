@@ -44,7 +44,7 @@ from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_dis
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
-from virt_trimd.host.measure import MeasureError, Measurer, QemuImgLimits
+from virt_trimd.host.measure import MeasureError, Measurer
 from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
 from virt_trimd.service.notify import Notifier
 from virt_trimd.units import format_bytes, format_duration
@@ -79,14 +79,6 @@ class _Flags:
     stop: bool = False
 
 
-def _limits(config: Config) -> QemuImgLimits:
-    return QemuImgLimits(
-        timeout_seconds=config.qemu_img.timeout_seconds,
-        cpu_seconds=config.qemu_img.cpu_seconds,
-        address_space_bytes=config.qemu_img.address_space_bytes,
-    )
-
-
 class Daemon:
     """Everything `virt-trimd run` keeps alive, wired together."""
 
@@ -104,7 +96,7 @@ class Daemon:
         self.tz: dt.tzinfo = get_localzone()
         self.state = State()
         self.hv = Hypervisor(config.libvirt_uri)
-        self.measurer = Measurer(_limits(config))
+        self.measurer = Measurer(config.qemu_img)
         self.trimmer = DomainTrimmer(self.hv, self.measurer)
         self.locks = DomainLocks()
         self.stop_event = threading.Event()
@@ -332,12 +324,11 @@ class Daemon:
         def delay_for(dom: DomainInfo) -> float:
             return spread_offset(self.hostname, sched.name, dom.uuid, window)
 
-        opts = TrimOptions(
+        opts = TrimOptions.from_config(
+            self.config,
             timeout_seconds=sched.timeout_seconds,
             minimum_bytes=sched.minimum_bytes,
             schedule=sched.name,
-            min_residual_bytes=self.config.effectiveness.min_residual_bytes,
-            residual_ratio=self.config.effectiveness.residual_ratio,
         )
         summary = run_sweep(
             self.trimmer,
@@ -504,7 +495,7 @@ class Daemon:
             # Same file, possibly renewed certificate or changed passwords.
             self.server.apply_web_config(web_config)
         self.config = new
-        self.measurer.limits = _limits(new)
+        self.measurer.limits = new.qemu_img
         if self.scheduler is not None:
             self._install_jobs()
         self.state.set_config_reload(True)

@@ -127,10 +127,6 @@ class Notifier:
         """WATCHDOG=1: the main loop is alive; send every `watchdog_interval()` seconds."""
         return self.send("WATCHDOG=1")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """EXTEND_TIMEOUT_USEC=: ask for more time during a slow start or stop."""
-        return self.send(f"EXTEND_TIMEOUT_USEC={max(0, round(seconds * 1_000_000))}")
-
     @staticmethod
     def watchdog_interval() -> float | None:
         """Seconds between watchdog pings (half of WATCHDOG_USEC), or None when not asked.
