@@ -1,4 +1,7 @@
-"""Log formatting that keeps one record on one line, whatever guests put in their strings.
+"""Escaping of untrusted text for every human-facing output: logs, tables, reports.
+
+The one implementation: the CLI's tables, the audit report and the log formatter all
+go through `escape_control`.
 
 Guest mountpoints and agent error texts are chosen by the guest; domain names and image
 paths by whoever defines the domain. Logged as they are, a newline in one of them lets a
@@ -11,6 +14,7 @@ one legitimate multi-line part, is indented so that none of its lines passes for
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -62,3 +66,26 @@ class SafeFormatter(logging.Formatter):
     def formatStack(self, stack_info: str) -> str:
         """The stack, each line indented and escaped."""
         return _indent(super().formatStack(stack_info))
+
+
+def escape_cell(text: str, limit: int | None = None) -> str:
+    """`text` escaped for a terminal and, past `limit` characters, cut with an ellipsis.
+
+    The cut is made after escaping, so an escape sequence cannot be split into a raw
+    control character, and the cell's width is what the terminal shows.
+    """
+    cleaned = escape_control(text)
+    if limit is None or len(cleaned) <= limit:
+        return cleaned
+    return cleaned[: limit - 1] + "…"
+
+
+def render_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart, every cell escaped; trailing blanks removed.
+
+    Returns the lines without newlines, header first. Cells are escaped here whatever
+    the caller did, so no table in any output can carry a raw control character.
+    """
+    table = [[escape_control(c) for c in header]] + [[escape_control(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]

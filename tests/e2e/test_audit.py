@@ -92,13 +92,13 @@ def audit_json(*args: str) -> tuple[int, dict[str, Any]]:
 
 
 def domain_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    (dom,) = [d for d in doc["domains"] if d["name"] == name]
+    (dom,) = [d for d in doc["domains"] if d["domain"] == name]
     assert isinstance(dom, dict)
     return dom
 
 
 def disks_of(dom: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {d["target"]: d for d in dom["disks"]}
+    return {d["disk"]: d for d in dom["disks"]}
 
 
 def virsh_xml(name: str, *flags: str) -> str:

@@ -17,12 +17,11 @@ from virt_trimd.audit.checks import (
     DomainAudit,
     Verdict,
     audit_domain,
-    audit_to_json,
     discard_ready,
-    format_audit_table,
     virtio_blk_discard,
 )
 from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, safe_filename, unified_diff
+from virt_trimd.audit.report import audit_to_json, format_audit_table
 from virt_trimd.host.domxml import ParsedDomain, parse_domain_xml
 from virt_trimd.records import AgentChannel, DomainInfo
 
@@ -698,9 +697,9 @@ def test_json_is_serialisable_and_complete() -> None:
     assert json.loads(json.dumps(data)) == data
     assert data["ready"] is False
     web01, legacy = data["domains"]
-    assert web01["name"] == "web01" and web01["running"] is True
+    assert web01["domain"] == "web01" and web01["running"] is True
     vda = web01["disks"][0]
-    assert vda["target"] == "vda" and vda["verdict"] == "not_ready"
+    assert vda["disk"] == "vda" and vda["verdict"] == "not_ready"
     assert vda["persistent_verdict"] == "ready" and vda["differs"] is True
     assert vda["discard"] == "ignore" and vda["discard_explicit"] is False
     assert legacy["agent"]["configured"] is False

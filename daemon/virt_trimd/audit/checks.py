@@ -6,7 +6,7 @@ A guest's discard frees host space only when every hop passes it on:
     guest fstrim -> guest driver -> emulated bus/device -> QEMU block layer -> image/host
 
 The checks below name the hop that drops it and the exact XML change that fixes it.
-The CLI (`virt-trimd audit`) prints `format_audit_table` / `audit_to_json`; the daemon
+The CLI (`virt-trimd audit`) prints through `audit.report`; the daemon
 exports `discard_ready` as `virt_trimd_disk_discard_ready`; `discardfix` implements
 `virt-trimd audit --enable-discard`.
 """
@@ -16,9 +16,8 @@ from __future__ import annotations
 import enum
 import re
 import shlex
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from virt_trimd.host.domxml import AGENT_CHANNEL_NAME
 from virt_trimd.records import AgentChannel, Disk
@@ -649,135 +648,3 @@ def audit_domain(
 
 
 # -- output --------------------------------------------------------------------------------
-
-
-def _first_line(items: Sequence[str]) -> str:
-    return items[0] if items else "-"
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def format_audit_table(audits: Sequence[DomainAudit], reason_width: int = 72) -> str:
-    """Human-readable audit: one row per agent and disk, then details and fixes."""
-    rows: list[tuple[str, ...]] = [("DOMAIN", "DISK", "BUS", "DISCARD", "VERDICT", "REASON")]
-    for a in audits:
-        rows.append(
-            (
-                a.name,
-                "(agent)",
-                "-",
-                "-",
-                a.agent.verdict.value,
-                _shorten(_first_line(a.agent.reasons), reason_width),
-            )
-        )
-        for d in a.disks:
-            bus = d.bus + (f"/{d.controller_model}" if d.controller_model else "")
-            discard = d.discard if d.discard_explicit else f"{d.discard}*"
-            verdict = d.verdict.value + (" (pending)" if d.differs else "")
-            rows.append(
-                (
-                    a.name,
-                    d.target,
-                    bus,
-                    discard,
-                    verdict,
-                    _shorten(_first_line(d.reasons), reason_width),
-                )
-            )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-        for r in rows
-    ]
-    if any(not d.discard_explicit for a in audits for d in a.disks):
-        lines.append("* no discard attribute in the XML: libvirt's default, 'ignore'")
-    details = [_details(a) for a in audits]
-    body = "\n".join(lines)
-    extra = "\n\n".join(d for d in details if d)
-    ready = sum(a.ready for a in audits)
-    summary = f"{ready} of {len(audits)} domain(s) ready for trim"
-    return "\n\n".join(p for p in (body, extra, summary) if p) + "\n"
-
-
-def _details(a: DomainAudit) -> str:
-    out: list[str] = []
-    state = "running" if a.running else "shut off"
-    head = f"{a.name} ({state}, machine {a.machine or 'unknown'}): "
-    head += "ready" if a.ready else "NOT ready"
-    out.append(head)
-    out.extend(f"  note: {n}" for n in a.notes)
-    ag = a.agent
-    if ag.reasons or ag.notes:
-        out.append(f"  agent: {ag.verdict.value}")
-        out.extend(f"    - {r}" for r in ag.reasons)
-        out.extend(f"    note: {n}" for n in ag.notes)
-        if ag.fix:
-            out.append(f"    fix: {ag.fix}")
-    for d in a.disks:
-        src = d.source or "-"
-        out.append(
-            f"  {d.target}: {d.verdict.value} ({d.bus}, {d.source_type or '?'} {src}, "
-            f"format {d.format or '?'}, discard={d.discard}, "
-            f"detect_zeroes={d.detect_zeroes or 'off'})"
-        )
-        out.extend(f"    - {r}" for r in d.reasons)
-        out.extend(f"    note: {n}" for n in d.notes)
-        if d.fix:
-            out.append(f"    fix: {d.fix}")
-        if d.pending:
-            out.append(f"    pending: {d.pending}")
-    if a.next_step:
-        out.append(f"  then: {a.next_step}")
-    return "\n".join(out)
-
-
-def audit_to_json(audits: Sequence[DomainAudit]) -> dict[str, Any]:
-    """JSON-ready dict: {"ready": bool, "domains": [...]} with every field of every audit."""
-    domains: list[dict[str, Any]] = []
-    for a in audits:
-        domains.append(
-            {
-                "name": a.name,
-                "running": a.running,
-                "machine": a.machine,
-                "ready": a.ready,
-                "notes": list(a.notes),
-                "next_step": a.next_step,
-                "agent": {
-                    "configured": a.agent.configured,
-                    "state": a.agent.state,
-                    "verdict": a.agent.verdict.value,
-                    "reasons": list(a.agent.reasons),
-                    "notes": list(a.agent.notes),
-                    "fix": a.agent.fix,
-                },
-                "disks": [
-                    {
-                        "target": d.target,
-                        "device": d.device,
-                        "bus": d.bus,
-                        "controller_model": d.controller_model,
-                        "source_type": d.source_type,
-                        "source": d.source,
-                        "format": d.format,
-                        "discard": d.discard,
-                        "discard_explicit": d.discard_explicit,
-                        "detect_zeroes": d.detect_zeroes,
-                        "verdict": d.verdict.value,
-                        "reasons": list(d.reasons),
-                        "notes": list(d.notes),
-                        "fix": d.fix,
-                        "differs": d.differs,
-                        "persistent_verdict": (
-                            None if d.persistent_verdict is None else d.persistent_verdict.value
-                        ),
-                        "pending": d.pending,
-                    }
-                    for d in a.disks
-                ],
-            }
-        )
-    return {"ready": all(a.ready for a in audits), "domains": domains}

@@ -21,14 +21,15 @@ from typing import Any, TextIO
 from tzlocal import get_localzone
 
 from virt_trimd import __version__
-from virt_trimd.audit.checks import audit_domain, audit_to_json, format_audit_table
+from virt_trimd.audit.checks import audit_domain
 from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, unified_diff
+from virt_trimd.audit.report import audit_to_json, format_audit_table
 from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times
 from virt_trimd.engine.sweep import run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
-from virt_trimd.escaping import SafeFormatter
+from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import parse_domain_xml
 from virt_trimd.host.hypervisor import Hypervisor
@@ -162,9 +163,8 @@ def summary_json(summary: SweepSummary) -> dict[str, Any]:
 
 
 def safe_cell(text: str, limit: int = 40) -> str:
-    """Printable, single-line text for a table cell (names may hold newlines)."""
-    cleaned = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+    """A table cell: escaped (names may hold newlines and escapes) and cut to `limit`."""
+    return escape_cell(text, limit)
 
 
 def format_table(records: Sequence[TrimRecord]) -> str:
@@ -186,11 +186,7 @@ def format_table(records: Sequence[TrimRecord]) -> str:
                     rec.result.value,
                 )
             )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    ]
+    lines = render_table(header, rows)
     total = sum(r.reclaimed_bytes for r in records)
     lines.append(f"total reclaimed: {format_bytes(total)} over {len(records)} domain(s)")
     notes = [
@@ -258,7 +254,7 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
         hv.connect()
         domains = [d for d in hv.list_domains() if d.running]
     except HypervisorError as exc:
-        out.write(f"(libvirt unavailable, domains not shown: {exc.message})\n")
+        out.write(f"(libvirt unavailable, domains not shown: {escape_control(exc.message)})\n")
     finally:
         hv.close()
     if not config.schedules:
@@ -270,8 +266,11 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
             else f"every {format_duration(sched.every_seconds or 0)}"
         )
         out.write(
-            f"{sched.name}: {how}, window {format_duration(sched.window_seconds)}, "
-            f"concurrency {sched.concurrency}, timeout {format_duration(sched.timeout_seconds)}\n"
+            escape_control(
+                f"{sched.name}: {how}, window {format_duration(sched.window_seconds)}, "
+                f"concurrency {sched.concurrency}, timeout {format_duration(sched.timeout_seconds)}"
+            )
+            + "\n"
         )
         for when in fire_times(sched, tz, now, args.count):
             out.write(f"  next: {when.isoformat(timespec='seconds')}\n")
@@ -299,10 +298,16 @@ def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
         json.dump({"trims": [r.to_dict() for r in records]}, out, indent=2)
         out.write("\n")
         return EXIT_OK
+    out.write(format_history_table(records))
+    return EXIT_OK
+
+
+def format_history_table(records: Sequence[TrimRecord]) -> str:
+    """`history` for people: one row per trim, names escaped."""
     header = ("STARTED", "DOMAIN", "SCHEDULE", "RESULT", "RECLAIMED", "DURATION")
     rows = [
         (
-            r.started_at,
+            safe_cell(r.started_at, 40),
             safe_cell(r.domain),
             safe_cell(r.schedule or "-", 20),
             r.result.value,
@@ -311,10 +316,7 @@ def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
         )
         for r in records
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-    return EXIT_OK
+    return "".join(line + "\n" for line in render_table(header, rows))
 
 
 # -- audit -----------------------------------------------------------------------
@@ -503,16 +505,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
-        print(f"virt-trimd: {exc}", file=sys.stderr)
+        print(f"virt-trimd: {escape_control(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except HypervisorError as exc:
-        print(f"virt-trimd: {exc.message}", file=sys.stderr)
+        print(f"virt-trimd: {escape_control(exc.message)}", file=sys.stderr)
         return EXIT_FAILED
     except StartupError as exc:
-        print(f"virt-trimd: cannot start: {exc}", file=sys.stderr)
+        print(f"virt-trimd: cannot start: {escape_control(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except (HistoryError, CommandFailed) as exc:
-        print(f"virt-trimd: {exc}", file=sys.stderr)
+        print(f"virt-trimd: {escape_control(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
