@@ -136,7 +136,7 @@ def test_the_checker_reports_each_kind_of_violation(tmp_path: Path) -> None:
             "from virt_trimd.engine.trim import x\nfrom virt_trimd.engine.state import y\n"
         ),
         "host/__init__.py": "",
-        "host/measure.py": "import subprocess\nfrom virt_trimd.cli.main import main\n",
+        "host/measure.py": "import subprocess\nfrom virt_trimd.cli.commands import main\n",
         "cli/__init__.py": "",
         "cli/main.py": "from . import x\n",
         "stray.py": "",
@@ -156,7 +156,7 @@ def test_the_checker_reports_each_kind_of_violation(tmp_path: Path) -> None:
     expected = [
         "virt_trimd/cli/main.py:1: relative import; name the part",
         "virt_trimd/engine/trim.py:1: engine imports libvirt (host only)",
-        "virt_trimd/host/measure.py:2: host may not import virt_trimd.cli.main",
+        "virt_trimd/host/measure.py:2: host may not import virt_trimd.cli.commands",
         "virt_trimd/records.py:1: records may not import virt_trimd.units",
         "virt_trimd/stray.py: part 'stray' has no entry in the architecture document",
         "virt_trimd/web/server.py:1: web may not import virt_trimd.engine.trim",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_trimd.cli.main import EXIT_FAILED, EXIT_USAGE, main
+from virt_trimd.cli.commands import EXIT_FAILED, EXIT_USAGE, main
 
 
 @pytest.fixture(autouse=True)

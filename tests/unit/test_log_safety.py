@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from virt_trimd.cli.main import setup_logging
+from virt_trimd.cli.commands import setup_logging
 from virt_trimd.engine.state import State
 from virt_trimd.engine.trim import _log_record
 from virt_trimd.escaping import SafeFormatter, escape_control
