@@ -2,9 +2,13 @@
 
 Every method is a no-op (returns False) when NOTIFY_SOCKET is unset, i.e. when the
 daemon runs outside a `Type=notify` service, so callers never need to check.
-Messages go through systemd-python's `systemd.daemon.notify` (libsystemd's
-sd_notify, which handles path and abstract `@` sockets alike); when that module is
-missing a small AF_UNIX datagram sender of our own does the same job.
+
+Messages go out as one AF_UNIX datagram each, sent non-blocking. libsystemd's
+sd_notify blocks when the receiver's queue is full (the kernel queues only
+`net.unix.max_dgram_qlen` datagrams, 10 by default), and a service manager that stops
+reading then froze the main loop: no watchdog, no reload, SIGTERM ignored. A datagram
+that cannot be sent at once is dropped and counted instead; systemd loses nothing it
+relies on (a missed WATCHDOG=1 is followed by the next one, READY=1 by a timeout).
 """
 
 from __future__ import annotations
@@ -21,19 +25,6 @@ log = logging.getLogger("virt_trimd.notify")
 _Sender = Callable[[str], bool]
 
 
-def _load_libsystemd_sender() -> _Sender | None:
-    try:
-        import systemd.daemon as sd_daemon  # noqa: PLC0415  (optional at run time)
-    except ImportError:
-        return None
-
-    def send(message: str) -> bool:
-        # Returns False when NOTIFY_SOCKET is unset, raises OSError when sending fails.
-        return bool(sd_daemon.notify(message))
-
-    return send
-
-
 def notify_socket_address(value: str) -> str:
     """NOTIFY_SOCKET value -> address for socket.connect (AF_UNIX); raise ValueError.
 
@@ -48,17 +39,18 @@ def notify_socket_address(value: str) -> str:
 
 
 def send_datagram(message: str) -> bool:
-    """Send one notification as sd_notify does, without libsystemd.
+    """Send one notification as sd_notify does, but never wait for the receiver.
 
-    Returns False when NOTIFY_SOCKET is unset; raises OSError or ValueError on failure.
+    Returns False when NOTIFY_SOCKET is unset; raises BlockingIOError when the
+    receiver's queue is full, another OSError or ValueError on other failures.
     """
     value = os.environ.get("NOTIFY_SOCKET")
     if not value:
         return False
     address = notify_socket_address(value)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode("utf-8"))
+    kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    with socket.socket(socket.AF_UNIX, kind) as sock:
+        sock.sendto(message.encode("utf-8"), address)
     return True
 
 
@@ -70,16 +62,16 @@ def monotonic_usec() -> int:
 class Notifier:
     """Tells systemd about the daemon's state; every method returns whether a message went out.
 
-    Failures to send are logged (once until the next success) and never raised: a
-    lost watchdog ping should not take the daemon down with it; systemd notices anyway.
+    Failures to send are counted in `dropped`, logged (once until the next success) and
+    never raised or waited on: a lost watchdog ping should not take the daemon down
+    with it, and systemd notices anyway.
     """
 
-    def __init__(self, use_libsystemd: bool = True) -> None:
-        """Use systemd-python when importable and `use_libsystemd`, else our own sender."""
-        sender = _load_libsystemd_sender() if use_libsystemd else None
-        self._send_raw: _Sender = sender or send_datagram
-        self.backend = "libsystemd" if sender is not None else "socket"
+    def __init__(self, sender: _Sender = send_datagram) -> None:
+        """`sender` sends one message; tests may pass another."""
+        self._send_raw = sender
         self._failing = False
+        self.dropped = 0  # notifications not sent: receiver full, gone, or bad address
 
     @property
     def enabled(self) -> bool:
@@ -94,8 +86,12 @@ class Notifier:
         try:
             sent = self._send_raw(message)
         except (OSError, ValueError) as exc:
+            self.dropped += 1
             if not self._failing:
-                log.warning("cannot notify systemd (%s): %s", message.split("=", 1)[0], exc)
+                why = "its queue is full" if isinstance(exc, BlockingIOError) else str(exc)
+                log.warning(
+                    "cannot notify systemd (%s), dropped: %s", message.split("=", 1)[0], why
+                )
             self._failing = True
             return False
         self._failing = False
