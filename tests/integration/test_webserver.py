@@ -20,10 +20,10 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
+from virt_trimd.config.web import WebConfigError
 from virt_trimd.web.server import (
     MetricsServer,
     MetricsServerError,
-    WebConfigError,
     load_web_config,
     start_metrics_server,
 )
@@ -394,13 +394,18 @@ def test_empty_web_config_means_plain_http(registry: CollectorRegistry, tmp_path
 @pytest.mark.parametrize(
     ("text", "where", "expected"),
     [
-        ("tls_server_config:\n  cert_fil: x.crt\n", ":2: tls_server_config.cert_fil", "unknown"),
+        # One loader for both YAML files: unknown keys are reported at their mapping.
+        (
+            "tls_server_config:\n  cert_fil: x.crt\n",
+            ":2: tls_server_config: unknown key 'cert_fil'",
+            "did you mean 'cert_file'",
+        ),
         (
             "basic_auth_users: {}\nhttp_server_config: {http2: true}\n",
             ":2: http_server_config",
             "not supported",
         ),
-        ("tls_server_config:\n  key_file: k\n", "tls_server_config.cert_file", "required"),
+        ("tls_server_config:\n  key_file: k\n", "tls_server_config: missing", "'cert_file'"),
         (
             "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
             ":2: tls_server_config.cert_file",
@@ -500,4 +505,53 @@ def test_non_string_top_level_key(tmp_path: Path) -> None:
     path = write_web_config(tmp_path, "1: x\n")
     with pytest.raises(WebConfigError) as excinfo:
         load_web_config(path)
-    assert str(excinfo.value) == f"{path}:1: keys must be strings, got int 1"
+    assert str(excinfo.value) == f"{path}:1: (root): option names must be text, got an integer (1)"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The limits of the configuration file's loader hold for the web config too.
+        (
+            "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+            + "".join(
+                f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                for p, c in zip("abcd", "bcde", strict=True)
+            ),
+            "more than 10000 values",
+        ),
+        ("x: " + "[" * 100 + "]" * 100 + "\n", "nested"),
+    ],
+)
+def test_web_config_alias_bomb_and_depth_are_refused(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write_web_config(tmp_path, text)
+    with pytest.raises(WebConfigError, match=expected):
+        load_web_config(path)
+
+
+def test_web_config_larger_than_the_limit_is_refused(tmp_path: Path) -> None:
+    path = write_web_config(tmp_path, "# padding\n" * 200_000)
+    with pytest.raises(WebConfigError, match="larger than"):
+        load_web_config(path)
+
+
+def test_web_config_reports_every_problem_at_once(tmp_path: Path) -> None:
+    path = write_web_config(
+        tmp_path,
+        "tls_server_config:\n  cert_file: gone.crt\n  key_file: gone.key\n"
+        "  min_version: TLS10\nbasic_auth_users:\n  bob: secret\nrate_limit: {}\n",
+    )
+    with pytest.raises(WebConfigError) as excinfo:
+        load_web_config(path)
+    lines = str(excinfo.value).splitlines()
+    assert [line.split(": ", 2)[0].rsplit(":", 1)[1] for line in lines] == [
+        "2",
+        "3",
+        "4",
+        "6",
+        "7",
+    ]
+    assert all(line.startswith(f"{path}:") for line in lines)
+    assert "secret" not in str(excinfo.value)

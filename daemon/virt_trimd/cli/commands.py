@@ -209,7 +209,8 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = load_config(path)
     web = config.metrics.web_config_file
     if web is not None:
-        from virt_trimd.web.server import WebConfigError, load_web_config  # noqa: PLC0415
+        from virt_trimd.config.web import WebConfigError  # noqa: PLC0415
+        from virt_trimd.web.server import load_web_config  # noqa: PLC0415
 
         try:
             load_web_config(web)

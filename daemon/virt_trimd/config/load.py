@@ -24,7 +24,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from virt_trimd.config.cron import crontab_fields
-from virt_trimd.config.schema import KeyPath, schema_at, schema_validator
+from virt_trimd.config.schema import KeyPath, Schema
 from virt_trimd.units import parse_duration, parse_size
 
 __all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_NODES", "DocumentLoader", "parse_listen"]
@@ -38,6 +38,28 @@ MAX_DEPTH = 32
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class UnreadableDocument(Exception):
+    """The file cannot be read, or is too large to be what it claims; str() is FILE:1: ..."""
+
+
+def read_document(path: Path, what: str) -> bytes:
+    """The bytes of ``path``, at most MAX_FILE_BYTES; raise UnreadableDocument.
+
+    ``what`` names the file in the message ("configuration file", "web config file").
+    """
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UnreadableDocument(f"{path}:1: (root): cannot read the {what}: {reason}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise UnreadableDocument(
+            f"{path}:1: (root): the file is larger than {MAX_FILE_BYTES} bytes; wrong file?"
+        )
+    return data
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -167,8 +189,10 @@ class DocumentLoader:
     ``config`` subclasses it to cross-check the values and build the ``Config``.
     """
 
-    def __init__(self, source: Path | None) -> None:
+    def __init__(self, source: Path | None, schema: Schema | None = None) -> None:
+        """`schema`: what the document must match; the configuration file's by default."""
         self.source = source
+        self.schema = schema or Schema.named("config_schema.json")
         self.problems: list[_Problem] = []
         self.lines: dict[KeyPath, int] = {(): 1}
         self.unreadable: set[KeyPath] = set()  # values that failed YAML conversion
@@ -354,7 +378,7 @@ class DocumentLoader:
         return any(path[:length] in paths for length in range(len(path) + 1))
 
     def _check_schema(self, document: dict[str, Any]) -> None:
-        for error in schema_validator().iter_errors(document):
+        for error in self.schema.validator.iter_errors(document):
             path: KeyPath = tuple(error.absolute_path)
             if self._under(path, self.unreadable):
                 continue
@@ -364,6 +388,11 @@ class DocumentLoader:
     def _explain(self, error: Any, path: KeyPath) -> Iterator[tuple[KeyPath, str, int | None]]:
         """Turn one jsonschema error into (path, message, line) problems a person can act on."""
         kind, instance, schema = error.validator, error.instance, error.schema
+        if schema.get("x-secret"):
+            # A password hash, or by mistake a password: never echo the value.
+            self.invalid.add(path)
+            yield path, schema.get("x-message", "invalid value"), None
+            return
         if kind == "additionalProperties":
             known = list(schema.get("properties", {}))
             for key in instance:
@@ -407,7 +436,7 @@ class DocumentLoader:
             if "string" in types and isinstance(instance, bool | int | float):
                 hint = " (put the value in quotes to make it text)"
             yield path, f"expected {expected}, got {_describe(instance)}{hint}", None
-        elif "x-message" in schema and kind in ("pattern", "maxLength", "minLength"):
+        elif "x-message" in schema and kind in ("pattern", "maxLength", "minLength", "enum"):
             yield path, f"{schema['x-message']}, got {_short(instance)}", None
         elif kind == "minimum":
             yield path, f"must be at least {error.validator_value}, got {_short(instance)}", None
@@ -431,7 +460,7 @@ class DocumentLoader:
             if isinstance(part, int) or part in value:
                 value = value[part]
             else:
-                return schema_at(path).get("default")
+                return self.schema.at(path).get("default")
         return value
 
     def _value(self, path: KeyPath, document: dict[str, Any]) -> Any:
@@ -441,7 +470,7 @@ class DocumentLoader:
         """
         if self._under(path, self.unreadable | self.invalid):
             return None
-        schema = schema_at(path)
+        schema = self.schema.at(path)
         value = self._raw(path, document)
         if value is None:
             return None

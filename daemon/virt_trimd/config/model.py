@@ -31,7 +31,9 @@ from virt_trimd.config.load import (
     MAX_FILE_BYTES,
     MAX_NODES,
     DocumentLoader,
+    UnreadableDocument,
     parse_listen,
+    read_document,
 )
 from virt_trimd.config.schema import KeyPath, config_schema, schema_at
 from virt_trimd.records import QemuImgLimits
@@ -158,17 +160,9 @@ def load_config(path: Path) -> Config:
     """
     path = Path(path)
     try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(
-            [f"{path}:1: (root): cannot read the configuration file: {reason}"]
-        ) from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(
-            [f"{path}:1: (root): the file is larger than {MAX_FILE_BYTES} bytes; wrong file?"]
-        )
+        data = read_document(path, "configuration file")
+    except UnreadableDocument as exc:
+        raise ConfigError([str(exc)]) from None
     return parse_config(data, path)
 
 

@@ -177,7 +177,8 @@ class Daemon:
 
     def start_metrics(self) -> None:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
-        from virt_trimd.web.server import MetricsServerError, WebConfigError, start_metrics_server  # noqa: PLC0415
+        from virt_trimd.config.web import WebConfigError  # noqa: PLC0415
+        from virt_trimd.web.server import MetricsServerError, start_metrics_server  # noqa: PLC0415
 
         m = self.config.metrics
         try:
@@ -458,7 +459,8 @@ class Daemon:
 
     def reload(self) -> None:
         """Validate the config file, then swap; keep the old schedules on any error."""
-        from virt_trimd.web.server import WebConfigError, load_web_config  # noqa: PLC0415
+        from virt_trimd.config.web import WebConfigError  # noqa: PLC0415
+        from virt_trimd.web.server import load_web_config  # noqa: PLC0415
 
         self.notifier.reloading()
         try:

@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 import socket
 import ssl
@@ -32,7 +31,7 @@ import time
 from base64 import b64decode
 from binascii import Error as BinasciiError
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from socketserver import TCPServer
@@ -40,9 +39,16 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+from virt_trimd.config.web import (
+    CLIENT_AUTH_TYPES,
+    TLSServerConfig,
+    WebConfig,
+    WebConfigError,
+    read_web_config,
+)
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.webserver")
@@ -59,7 +65,6 @@ AUTH_CACHE_ENTRIES = 64
 _BCRYPT_MAX_PASSWORD_BYTES = 72
 # Checked when the user is unknown, so a wrong user costs as long as a wrong password.
 _DUMMY_BCRYPT_HASH = b"$2b$10$Qu7ppPHhYgGHl3mw0oG0tOw5LuC341ce6wuxftDD9aTQOcF.kgbMa"
-_BCRYPT_HASH_RE = re.compile(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$")
 
 _REALM_HEADER = 'Basic realm="virt-trimd", charset="UTF-8"'
 _PLAIN_TEXT = "text/plain; charset=utf-8"
@@ -74,65 +79,9 @@ _PLAIN_HTTP_ON_TLS_RESPONSE = (
 )
 _TLS_HANDSHAKE_RECORD = 0x16
 
-_TLS_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-_CLIENT_AUTH_TYPES = {
-    "NoClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
-_TOP_KEYS = ("tls_server_config", "basic_auth_users")
-_TLS_KEYS = (
-    "cert_file",
-    "key_file",
-    "client_auth_type",
-    "client_ca_file",
-    "min_version",
-    "max_version",
-    "prefer_server_cipher_suites",
-)
-# exporter-toolkit options we recognise but do not implement: say so instead of "unknown".
-_TOOLKIT_ONLY_KEYS = frozenset(
-    {
-        "http_server_config",
-        "rate_limit",
-        "cert",
-        "key",
-        "client_ca",
-        "cipher_suites",
-        "curve_preferences",
-        "client_allowed_sans",
-    }
-)
-
 
 class MetricsServerError(Exception):
     """The metrics endpoint cannot be started (address in use, bad address, bad web config)."""
-
-
-class WebConfigError(MetricsServerError):
-    """The web config file is unreadable or invalid; the message names file, line and key."""
-
-
-@dataclass(frozen=True)
-class TLSServerConfig:
-    """tls_server_config of a web config file, paths already made absolute."""
-
-    cert_file: Path
-    key_file: Path
-    client_auth_type: str = "NoClientCert"
-    client_ca_file: Path | None = None
-    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
-    max_version: ssl.TLSVersion | None = None
-
-
-@dataclass(frozen=True)
-class WebConfig:
-    """A validated web config; an empty file gives plain HTTP without authentication."""
-
-    path: Path | None = None
-    tls: TLSServerConfig | None = None
-    # repr=False: bcrypt hashes must not end up in logs through a repr.
-    basic_auth_users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
 
 
 # -- web config file -------------------------------------------------------------------
@@ -144,180 +93,10 @@ def load_web_config(path: Path) -> WebConfig:
     Also loads the certificate, key and client CA once, so `check-config` catches a
     key that does not match its certificate before the daemon is restarted.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise WebConfigError(f"{path}: cannot read web config file: {reason}") from exc
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise WebConfigError(f"{where}: not valid YAML: {problem}") from exc
-    parser = _WebConfigParser(path, root)
-    config = parser.parse(data)
+    config = read_web_config(path)
     if config.tls is not None:
-        build_ssl_context(config.tls, path)
+        build_ssl_context(config.tls, config.path)
     return config
-
-
-class _WebConfigParser:
-    def __init__(self, path: Path, root: yaml.Node | None) -> None:
-        self.path = path
-        self.base = path.parent
-        self.root = root
-
-    def error(self, keys: Sequence[str], message: str) -> WebConfigError:
-        line = _line_of(self.root, keys)
-        where = f"{self.path}:{line}" if line is not None else str(self.path)
-        if keys:
-            where += ": " + ".".join(keys)
-        return WebConfigError(f"{where}: {message}")
-
-    def mapping(self, value: object, keys: Sequence[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.error(keys, f"expected a mapping, got {_kind(value)}")
-        for key in value:
-            if not isinstance(key, str):
-                raise self.error(keys, f"keys must be strings, got {_kind(key)} {key!r}")
-        return value
-
-    def check_keys(self, value: Mapping[str, Any], allowed: Sequence[str], keys: list[str]) -> None:
-        for key in value:
-            if key in allowed:
-                continue
-            if key in _TOOLKIT_ONLY_KEYS:
-                raise self.error(
-                    [*keys, key], "exporter-toolkit option not supported by virt-trimd; remove it"
-                )
-            raise self.error([*keys, key], f"unknown key; expected one of: {', '.join(allowed)}")
-
-    def parse(self, data: object) -> WebConfig:
-        if data is None:
-            return WebConfig(path=self.path)
-        if not isinstance(data, dict):
-            raise WebConfigError(f"{self.path}: expected a mapping at top level, got {_kind(data)}")
-        top = self.mapping(data, [])
-        self.check_keys(top, _TOP_KEYS, [])
-        tls = None
-        if top.get("tls_server_config") is not None:
-            tls = self.parse_tls(top["tls_server_config"])
-        users: dict[str, bytes] = {}
-        if top.get("basic_auth_users") is not None:
-            users = self.parse_users(top["basic_auth_users"])
-        return WebConfig(path=self.path, tls=tls, basic_auth_users=users)
-
-    def parse_tls(self, value: object) -> TLSServerConfig:
-        keys = ["tls_server_config"]
-        tls = self.mapping(value, keys)
-        self.check_keys(tls, _TLS_KEYS, keys)
-        for required in ("cert_file", "key_file"):
-            if not tls.get(required):
-                raise self.error([*keys, required], "required when tls_server_config is set")
-        cert_file = self.file(tls["cert_file"], [*keys, "cert_file"])
-        key_file = self.file(tls["key_file"], [*keys, "key_file"])
-        auth_type = tls.get("client_auth_type") or "NoClientCert"
-        if auth_type not in _CLIENT_AUTH_TYPES:
-            raise self.error(
-                [*keys, "client_auth_type"],
-                f"{auth_type!r} is not supported; use one of: {', '.join(_CLIENT_AUTH_TYPES)}",
-            )
-        ca_file = None
-        if tls.get("client_ca_file"):
-            ca_file = self.file(tls["client_ca_file"], [*keys, "client_ca_file"])
-            if auth_type == "NoClientCert":
-                # exporter-toolkit refuses this too: a CA without a policy checks nothing.
-                raise self.error(
-                    [*keys, "client_ca_file"],
-                    "set client_auth_type (e.g. RequireAndVerifyClientCert) to use client CAs",
-                )
-        elif auth_type != "NoClientCert":
-            raise self.error([*keys, "client_ca_file"], f"required by {auth_type}")
-        min_version = self.version(tls.get("min_version") or "TLS12", [*keys, "min_version"])
-        max_version = None
-        if tls.get("max_version"):
-            max_version = self.version(tls["max_version"], [*keys, "max_version"])
-            if max_version < min_version:
-                raise self.error([*keys, "max_version"], "is lower than min_version")
-        # Accepted so existing files load; Go (since 1.18) ignores it as well.
-        prefer = tls.get("prefer_server_cipher_suites")
-        if prefer is not None and not isinstance(prefer, bool):
-            raise self.error([*keys, "prefer_server_cipher_suites"], "expected true or false")
-        return TLSServerConfig(
-            cert_file=cert_file,
-            key_file=key_file,
-            client_auth_type=str(auth_type),
-            client_ca_file=ca_file,
-            min_version=min_version,
-            max_version=max_version,
-        )
-
-    def file(self, value: object, keys: Sequence[str]) -> Path:
-        if not isinstance(value, str) or not value:
-            raise self.error(keys, f"expected a file path, got {_kind(value)}")
-        path = Path(value)
-        if not path.is_absolute():
-            path = self.base / path
-        if not path.is_file():
-            raise self.error(keys, f"file not found: {path}")
-        return path
-
-    def version(self, value: object, keys: Sequence[str]) -> ssl.TLSVersion:
-        if value not in _TLS_VERSIONS:
-            raise self.error(keys, f"{value!r} is not supported; use TLS12 or TLS13")
-        return _TLS_VERSIONS[str(value)]
-
-    def parse_users(self, value: object) -> dict[str, bytes]:
-        keys = ["basic_auth_users"]
-        users = self.mapping(value, keys)
-        out: dict[str, bytes] = {}
-        for user, hashed in users.items():
-            if not user:
-                raise self.error(keys, "user names must not be empty")
-            # Never echo the value: it is a password hash (or, by mistake, a password).
-            if not isinstance(hashed, str) or not _BCRYPT_HASH_RE.match(hashed):
-                raise self.error(
-                    [*keys, user],
-                    "expected a bcrypt hash ($2y$/$2b$...), e.g. from `htpasswd -nBC 10 USER`",
-                )
-            out[user] = hashed.encode("ascii")
-        if out:
-            try:
-                import bcrypt  # noqa: PLC0415, F401  (only needed with basic auth)
-            except ImportError as exc:
-                raise self.error(
-                    keys, "needs the Python bcrypt module (pip install 'virt-trimd[web]')"
-                ) from exc
-        return out
-
-
-def _line_of(root: yaml.Node | None, keys: Sequence[str]) -> int | None:
-    """1-based line of the deepest key of `keys` found in the composed YAML tree."""
-    node = root
-    line = None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
-                line = key_node.start_mark.line + 1
-                node = value_node
-                break
-        else:
-            break
-    if line is None and root is not None and not keys:
-        line = root.start_mark.line + 1
-    return line
-
-
-def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(
-        type(value), type(value).__name__
-    )
 
 
 def build_ssl_context(tls: TLSServerConfig, config_path: Path | None = None) -> ssl.SSLContext:
@@ -340,7 +119,7 @@ def build_ssl_context(tls: TLSServerConfig, config_path: Path | None = None) -> 
             f"{where}: tls_server_config.cert_file/key_file: cannot load certificate "
             f"{tls.cert_file} with key {tls.key_file}: {_ssl_reason(exc)}"
         ) from exc
-    context.verify_mode = _CLIENT_AUTH_TYPES[tls.client_auth_type]
+    context.verify_mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
     if tls.client_ca_file is not None:
         try:
             context.load_verify_locations(cafile=tls.client_ca_file)
