@@ -155,7 +155,7 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def summary_json(summary: SweepSummary) -> dict[str, Any]:
-    """The `--json` document: every record plus the grand total."""
+    """The `trim --json` and `run --once --json` document (docs/json.md)."""
     return {
         "domains": [r.to_dict() for r in summary.records],
         "reclaimed_bytes": summary.reclaimed_bytes,
@@ -296,11 +296,16 @@ def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
     with History(state_dir, readonly=True) as hist:
         records = hist.query(domain=args.domain, since_ts=since_ts, limit=args.limit)
     if args.json:
-        json.dump({"trims": [r.to_dict() for r in records]}, out, indent=2)
+        json.dump(history_json(records), out, indent=2)
         out.write("\n")
         return EXIT_OK
     out.write(format_history_table(records))
     return EXIT_OK
+
+
+def history_json(records: Sequence[TrimRecord]) -> dict[str, Any]:
+    """The `history --json` document (docs/json.md)."""
+    return {"trims": [r.to_dict() for r in records]}
 
 
 def format_history_table(records: Sequence[TrimRecord]) -> str:
