@@ -15,13 +15,13 @@ import os
 import re
 import stat
 import unicodedata
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from xml.parsers import expat
 
 from virt_trimd.audit.checks import SKIPPED_DEVICES
+from virt_trimd.host.domxml import parse_domain_root
 
 __all__ = ["backup_xml", "enable_discard_xml", "safe_filename", "unified_diff"]
 
@@ -118,12 +118,7 @@ def enable_discard_xml(inactive_xml: str) -> tuple[str, list[str]]:
     Raises ValueError when the text is not a domain document.
     """
     data = inactive_xml.encode("utf-8")
-    try:
-        root = ET.fromstring(inactive_xml)
-    except ET.ParseError as exc:
-        raise ValueError(f"domain XML does not parse: {exc}") from exc
-    if root.tag != "domain":
-        raise ValueError(f"expected <domain>, got <{root.tag}>")
+    parse_domain_root(inactive_xml)  # refuse what is not a domain document before editing it
     edits: list[tuple[int, int, bytes]] = []  # (start, end, replacement), applied back to front
     changed: list[str] = []
     for disk in _scan_disks(data):

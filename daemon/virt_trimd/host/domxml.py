@@ -33,17 +33,23 @@ class ParsedDomain:
     agent: AgentChannel
 
 
-def parse_domain_xml(xml_text: str) -> ParsedDomain:
-    """Parse a `<domain>` document.
-
-    Raises DomainXMLError when the text is not a domain document.
-    """
+def parse_domain_root(xml_text: str) -> ET.Element:
+    """The `<domain>` element of a domain document; raise DomainXMLError (a ValueError)."""
     try:
         root = ET.fromstring(xml_text)
     except ET.ParseError as exc:
         raise DomainXMLError(f"domain XML does not parse: {exc}") from exc
     if root.tag != "domain":
         raise DomainXMLError(f"expected <domain>, got <{root.tag}>")
+    return root
+
+
+def parse_domain_xml(xml_text: str) -> ParsedDomain:
+    """Parse a `<domain>` document.
+
+    Raises DomainXMLError when the text is not a domain document.
+    """
+    root = parse_domain_root(xml_text)
     name = (root.findtext("name") or "").strip()
     uuid = (root.findtext("uuid") or "").strip()
     os_type = root.find("os/type")
