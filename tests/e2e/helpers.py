@@ -65,7 +65,8 @@ def record_of(doc: dict[str, Any], domain: str) -> dict[str, Any]:
     assert len(matches) == 1, (
         f"{domain} not exactly once in {[r['domain'] for r in doc['domains']]}"
     )
-    return matches[0]
+    record: dict[str, Any] = matches[0]
+    return record
 
 
 @contextmanager

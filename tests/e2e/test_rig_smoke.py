@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import libvirt
 import libvirt_qemu
@@ -19,7 +20,7 @@ MIB = 1024 * 1024
 
 
 def test_guest_fstrim_reclaims_deleted_garbage(
-    guest_factory: rig.GuestFactory, record_property: pytest.RecordProperty
+    guest_factory: rig.GuestFactory, record_property: Callable[[str, object], None]
 ) -> None:
     spec = GuestSpec(
         "smoke-trim",

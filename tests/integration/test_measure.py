@@ -12,11 +12,11 @@ from virt_trimd.host.measure import (
     CommandError,
     MeasureError,
     Measurer,
-    QemuImgLimits,
     limited_argv,
     qemu_img_info_argv,
     run_command,
 )
+from virt_trimd.records import QemuImgLimits
 
 MiB = 1 << 20
 
