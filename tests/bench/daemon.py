@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from bench.common import env_with_package
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(path: Path, text: str) -> Path:
-    """A config file `run` accepts (not writable by group or others)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    return path
+from support.notify import NotifyReceiver
 
 
 def daemon_config(
@@ -64,65 +47,11 @@ def daemon_config(
     return text
 
 
-class NotifySocket:
-    """The AF_UNIX datagram socket systemd would give a Type=notify service.
-
-    Drained by a thread, as systemd drains its own: a datagram socket nobody reads
-    fills after ~10 messages, and then the daemon's sd_notify() blocks.
-    """
-
-    def __init__(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._drain, name="notify", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while not self._closed:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            now = time.monotonic()
-            with self._cond:
-                self.messages.extend((now, m) for m in data.decode(errors="replace").splitlines())
-                self._cond.notify_all()
-
-    def wait_for(self, line: str, timeout: float, proc: subprocess.Popen[bytes]) -> float:
-        """time.monotonic() at which `line` (e.g. READY=1) arrived; RuntimeError if not."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for at, msg in self.messages:
-                    if msg == line:
-                        return at
-                if proc.poll() is not None:
-                    raise RuntimeError(f"daemon exited {proc.returncode} before {line}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RuntimeError(f"no {line} within {timeout}s")
-                self._cond.wait(min(remaining, 0.2))
-
-    def close(self) -> None:
-        self._closed = True
-        self._thread.join(2)
-        self.sock.close()
-        self.path.unlink(missing_ok=True)
-
-
 class Daemon:
     """`python -m virt_trimd run --config FILE`, stderr to a log file."""
 
     def __init__(
-        self, config: Path, log_path: Path, notify: NotifySocket | None, level: str = "INFO"
+        self, config: Path, log_path: Path, notify: NotifyReceiver | None, level: str = "INFO"
     ) -> None:
         env = env_with_package()
         if notify is not None:

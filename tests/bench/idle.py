@@ -23,8 +23,10 @@ from bench.common import (
     proc_status_kib,
     row,
 )
-from bench.daemon import Daemon, NotifySocket, daemon_config, free_port, write_config
+from bench.daemon import Daemon, daemon_config
 from bench.guests import PREFIX, GuestPool
+from support.files import free_port, write_config
+from support.notify import NotifyReceiver
 
 SCRAPE_EVERY_S = 15.0
 MB = 1e6
@@ -66,7 +68,7 @@ def run(
         work / "idle.yaml",
         daemon_config(work / "state", port, [f"{PREFIX}*"], concurrency=4),
     )
-    notify = NotifySocket(work / "notify.sock")
+    notify = NotifyReceiver(work / "notify.sock")
     daemon = Daemon(cfg, work / "daemon.log", notify)
     samples: list[dict[str, float]] = []
     try:

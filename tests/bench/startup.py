@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 from bench.common import BenchResult, at_most, env_with_package, row
-from bench.daemon import Daemon, NotifySocket, daemon_config, free_port, write_config
+from bench.daemon import Daemon, daemon_config
+from support.files import free_port, write_config
+from support.notify import NotifyReceiver
 
 
 def time_to_ready(config: Path, workdir: Path) -> float:
     """Seconds from exec to READY=1 for one daemon start; stops the daemon afterwards."""
-    notify = NotifySocket(workdir / "notify.sock")
+    notify = NotifyReceiver(workdir / "notify.sock")
     daemon = Daemon(config, workdir / "daemon.log", notify)
     try:
         ready_at = notify.wait_for("READY=1", 30, daemon.proc)

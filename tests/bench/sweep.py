@@ -36,8 +36,9 @@ from bench.common import (
     parse_gnu_time,
     row,
 )
-from bench.daemon import daemon_config, free_port, write_config
+from bench.daemon import daemon_config
 from bench.guests import GARBAGE_MIB, GuestPool
+from support.files import free_port, write_config
 
 LOOP_SCRIPT = r"""#!/bin/bash
 # What people run from cron today, restricted (grep) to the benchmark's own guests.

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -17,55 +14,9 @@ from typing import TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.helpers import cli_env
+from support.notify import NotifyReceiver
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Notifications:
-    """An AF_UNIX datagram socket the daemon sends sd_notify messages to."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self._stop = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                for line in data.decode().splitlines():
-                    self.messages.append((time.monotonic(), line))
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            return [m for _, m in self.messages]
-
-    def times_of(self, line: str) -> list[float]:
-        with self._lock:
-            return [t for t, m in self.messages if m == line]
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
 
 
 class DaemonProc:
@@ -74,7 +25,7 @@ class DaemonProc:
     def __init__(self, config: Path, workdir: Path, watchdog_usec: int | None = None) -> None:
         self.config = config
         self.log_path = workdir / "daemon.log"
-        self.notify = Notifications(workdir / "notify.sock")
+        self.notify = NotifyReceiver(workdir / "notify.sock")
         env = cli_env()
         env["NOTIFY_SOCKET"] = str(self.notify.path)
         if watchdog_usec is not None:
@@ -152,10 +103,3 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float =
         time.sleep(interval)
         last = pred()
     return last
-
-
-def write_config(path: Path, text: str) -> Path:
-    """Write a config file the daemon will accept (not group/other writable)."""
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    return path

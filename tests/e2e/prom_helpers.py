@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from e2e.daemon_proc import free_port, wait_for
+from e2e.daemon_proc import wait_for
+from support.files import free_port
 
 PROMETHEUS = "/usr/bin/prometheus"
 

@@ -20,7 +20,6 @@ import libvirt
 import pytest
 
 import rig
-from e2e.daemon_proc import write_config
 from e2e.helpers import (
     MIB,
     QCOW2_CLUSTER,
@@ -31,6 +30,7 @@ from e2e.helpers import (
     virt_trimd,
 )
 from rig import DiskSpec, GuestSpec
+from support.files import write_config
 
 
 def small(bus: rig.Bus, discard: rig.Discard | None) -> DiskSpec:

@@ -17,9 +17,10 @@ import libvirt
 import pytest
 
 import rig
-from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
+from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from e2e.helpers import MIB, QCOW2_CLUSTER, booted_guests, stat_allocated
 from rig import DiskSpec, GuestSpec
+from support.files import free_port, write_config
 from virt_trimd.engine.history import History
 from virt_trimd.engine.schedule import spread_offset
 from virt_trimd.records import Result, TrimRecord

@@ -26,9 +26,10 @@ import libvirt
 import pytest
 
 import rig
-from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
+from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from e2e.helpers import MIB, QCOW2_CLUSTER, record_of, stat_allocated, trim_json
 from rig import DiskSpec, GuestSpec
+from support.files import free_port, write_config
 
 # Spec order decides libvirt targets: sata and scsi share the sd* names.
 SATA_OK = DiskSpec(fmt="qcow2", bus="sata", discard="unmap", garbage_mib=50, size_mib=256)

@@ -30,12 +30,13 @@ import pytest
 
 import faults_agent as fa
 import rig
-from e2e.daemon_proc import DaemonProc, free_port, sample, scrape, wait_for, write_config
+from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from e2e.helpers import booted_guests, cli_env
 from faults_libvirtd import PrivateLibvirtd
 from rig import DiskSpec, GuestSpec
+from support.files import free_port, write_config
 from virt_trimd.engine.history import History
-from virt_trimd.engine.sweep import run_sweep
+from virt_trimd.engine.sweep import SweepPlan, run_sweep
 from virt_trimd.engine.trim import PING_TIMEOUT_SECONDS, DomainTrimmer, TrimOptions
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import Measurer
@@ -134,7 +135,7 @@ def test_silent_and_stalled_agents_time_out_and_free_their_slots(
             trimmer,
             _infos(hv, hang, stalled, a, b),
             TrimOptions(timeout_seconds=timeout, schedule="faults"),
-            concurrency=2,
+            SweepPlan(concurrency=2),
         )
         received = fa.received_commands(hang, since)
     finally:
@@ -268,7 +269,6 @@ def test_guest_destroyed_mid_trim(
         DomainTrimmer(hv, Measurer()),
         _infos(hv, victim, a),
         TrimOptions(timeout_seconds=30),
-        concurrency=1,
     )
     watcher.join(5)
     assert not victim.dom.isActive()

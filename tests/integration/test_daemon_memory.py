@@ -7,30 +7,22 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from support.records import trim_record
 from virt_trimd.config.model import load_config
 from virt_trimd.engine.history import History
 from virt_trimd.records import AgentChannel, Disk, DiskRecord, DomainInfo, Result, TrimRecord
 from virt_trimd.service.daemon import Daemon, guest_used_from_records
 
 
-def _record(
-    uuid: str,
-    result: Result,
-    duration: float,
-    dry_run: bool = False,
-    started_at: str = "2026-11-01T03:00:00Z",
-) -> TrimRecord:
-    return TrimRecord(
-        domain=f"dom-{uuid}",
-        uuid=uuid,
-        result=result,
-        message="",
-        started_at=started_at,
-        duration_seconds=duration,
-        dry_run=dry_run,
+def _record(uuid: str, result: Result, duration: float, **fields: Any) -> TrimRecord:
+    """This file names domains after their UUID: the daemon keys durations by UUID."""
+    fields.setdefault("started_at", "2026-11-01T03:00:00Z")
+    return trim_record(
+        f"dom-{uuid}", result, uuid=uuid, duration_seconds=duration, schedule=None, **fields
     )
 
 

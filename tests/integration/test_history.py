@@ -20,65 +20,12 @@ from typing import Any
 import pytest
 
 import virt_trimd
+from support.records import full_record, iso
 from virt_trimd.engine.history import DB_FILENAME, SCHEMA_VERSION, History, HistoryError
-from virt_trimd.records import DiskRecord, FilesystemResult, Result, TrimRecord
+from virt_trimd.records import Result, TrimRecord
 
 DAEMON_DIR = str(Path(virt_trimd.__file__).resolve().parent.parent)
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=UTC).timestamp()
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def make_record(
-    domain: str = "web1",
-    result: Result = Result.SUCCESS,
-    started_ts: float = T0,
-    duration: float = 2.5,
-    *,
-    dry_run: bool = False,
-    schedule: str | None = "nightly",
-) -> TrimRecord:
-    return TrimRecord(
-        domain=domain,
-        uuid="6f1c8a52-1f0b-4c8e-9a53-3c2a9d8e0b11",
-        result=result,
-        message="trimmed 2 filesystems",
-        started_at=iso(started_ts),
-        duration_seconds=duration,
-        filesystems=(
-            FilesystemResult("/", 2_147_483_648, None),
-            FilesystemResult("/boot", None, "FITRIM: operation not supported"),
-        ),
-        disks=(
-            DiskRecord(
-                disk="vda",
-                path=f"/var/lib/libvirt/images/{domain}.qcow2",
-                format="qcow2",
-                bus="virtio",
-                discard="unmap",
-                allocated_before=6 << 30,
-                allocated_after=5 << 30,
-                reclaimed_bytes=1 << 30,
-                virtual_size=20 << 30,
-                file_size=6 << 30,
-                guest_used_bytes=4 << 30,
-                residual_bytes=1 << 30,
-                effective=True,
-            ),
-            DiskRecord(
-                disk="sdb",
-                path=None,
-                format="raw",
-                bus="scsi",
-                discard=None,
-                not_measured="network disk (rbd)",
-            ),
-        ),
-        schedule=schedule,
-        dry_run=dry_run,
-    )
 
 
 @pytest.fixture
@@ -89,7 +36,7 @@ def history(tmp_path: Path) -> Iterator[History]:
 
 
 def test_full_record_round_trips(history: History) -> None:
-    record = make_record()
+    record = full_record(started_ts=T0)
     history.append(record)
     (back,) = history.query()
     assert back == record
@@ -128,7 +75,7 @@ def test_existing_state_dir_mode_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_columns_match_record(history: History) -> None:
-    record = make_record(started_ts=T0 + 10)
+    record = full_record(started_ts=T0 + 10)
     history.append(record)
     conn = sqlite3.connect(history.path)
     try:
@@ -169,7 +116,7 @@ def test_unparseable_started_at_raises_history_error(history: History) -> None:
 def test_query_filters_and_limit(history: History) -> None:
     # Appended out of order on purpose: results are ordered by start time, not row id.
     for domain, offset in [("b", 30), ("a", 10), ("a", 40), ("b", 20), ("a", 50)]:
-        history.append(make_record(domain=domain, started_ts=T0 + offset))
+        history.append(full_record(domain=domain, started_ts=T0 + offset))
 
     def starts(records: list[TrimRecord]) -> list[tuple[str, str]]:
         return [(r.domain, r.started_at) for r in records]
@@ -195,12 +142,12 @@ def test_query_filters_and_limit(history: History) -> None:
 
 
 def test_last_success_counts_success_only_at_finish_time(history: History) -> None:
-    history.append(make_record("a", Result.SUCCESS, T0, 2.5))
-    history.append(make_record("a", Result.PARTIAL, T0 + 100))
-    history.append(make_record("a", Result.SUCCESS, T0 + 200, dry_run=True))
-    history.append(make_record("b", Result.PARTIAL, T0))
-    history.append(make_record("c", Result.SUCCESS, T0 + 5, 1.0))
-    history.append(make_record("c", Result.SUCCESS, T0 + 1, 1.0))
+    history.append(full_record("a", Result.SUCCESS, T0, duration_seconds=2.5))
+    history.append(full_record("a", Result.PARTIAL, T0 + 100))
+    history.append(full_record("a", Result.SUCCESS, T0 + 200, dry_run=True))
+    history.append(full_record("b", Result.PARTIAL, T0))
+    history.append(full_record("c", Result.SUCCESS, T0 + 5, duration_seconds=1.0))
+    history.append(full_record("c", Result.SUCCESS, T0 + 1, duration_seconds=1.0))
     assert history.last_success_by_domain() == {"a": T0 + 2.5, "c": T0 + 6.0}
 
 
@@ -223,7 +170,7 @@ def test_last_sweep_by_schedule(history: History) -> None:
 
 def test_survives_reopen(tmp_path: Path) -> None:
     with History(tmp_path) as h:
-        h.append(make_record("a"))
+        h.append(full_record("a", started_ts=T0))
         h.append_sweep("nightly", T0, T0 + 1, 1, 0)
     with History(tmp_path) as h:
         assert [r.domain for r in h.query()] == ["a"]
@@ -233,19 +180,19 @@ def test_survives_reopen(tmp_path: Path) -> None:
 
 def test_readonly_reads_and_refuses_writes(tmp_path: Path) -> None:
     with History(tmp_path) as h:
-        h.append(make_record("a"))
+        h.append(full_record("a", started_ts=T0))
     with History(tmp_path, readonly=True) as ro:
         assert [r.domain for r in ro.query()] == ["a"]
         assert ro.integrity_ok()
         with pytest.raises(HistoryError, match="readonly"):
-            ro.append(make_record("b"))
+            ro.append(full_record("b", started_ts=T0))
     with History(tmp_path) as h:
         assert [r.domain for r in h.query()] == ["a"]
 
 
 def test_readonly_sees_rows_of_a_running_writer(tmp_path: Path) -> None:
     with History(tmp_path) as writer, History(tmp_path, readonly=True) as reader:
-        writer.append(make_record("a"))
+        writer.append(full_record("a", started_ts=T0))
         assert [r.domain for r in reader.query()] == ["a"]
 
 
@@ -278,13 +225,13 @@ def test_closed_history_raises(tmp_path: Path) -> None:
     h.close()
     h.close()
     with pytest.raises(HistoryError, match="closed"):
-        h.append(make_record())
+        h.append(full_record(started_ts=T0))
 
 
 def test_concurrent_appends_from_threads(history: History) -> None:
     def worker(n: int) -> None:
         for i in range(25):
-            history.append(make_record(f"dom{n}", started_ts=T0 + i))
+            history.append(full_record(f"dom{n}", started_ts=T0 + i))
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in threads:
@@ -305,6 +252,7 @@ sys.path.insert(0, {DAEMON_DIR!r})
 from pathlib import Path
 from typing import Any
 from virt_trimd.engine.history import History, HistoryError
+from support.records import full_record, iso
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, TrimRecord
 """
 
@@ -350,7 +298,7 @@ except HistoryError as exc:
 
 def test_unwritable_database_stays_readable_but_cannot_be_opened_to_write(tmp_path: Path) -> None:
     with History(tmp_path) as h:
-        h.append(make_record("a"))
+        h.append(full_record("a", started_ts=T0))
     os.chmod(tmp_path, 0o555)
     os.chmod(tmp_path / DB_FILENAME, 0o444)
     try:
@@ -474,7 +422,9 @@ def test_sigkill_mid_append_leaves_no_corruption_and_no_partial_rows(tmp_path: P
 
 def test_last_duration_is_the_latest_attempt_per_uuid(history: History) -> None:
     def rec(uuid: str, result: Result, started: float, duration: float, **kw: Any) -> TrimRecord:
-        return dataclasses.replace(make_record("x", result, started, duration, **kw), uuid=uuid)
+        return dataclasses.replace(
+            full_record("x", result, started, duration_seconds=duration, **kw), uuid=uuid
+        )
 
     history.append(rec("u-a", Result.SUCCESS, T0 + 100, 9.0))
     history.append(rec("u-a", Result.SUCCESS, T0, 1.0))  # older, written later
@@ -490,14 +440,20 @@ def test_last_duration_is_the_latest_attempt_per_uuid(history: History) -> None:
 def test_prune_deletes_old_rows_but_keeps_what_start_up_reads_back(history: History) -> None:
     day = 86400.0
     cutoff = T0 + 100 * day
-    history.append(make_record("a", Result.SUCCESS, T0, 1.0))
-    history.append(make_record("a", Result.SUCCESS, T0 + day, 1.0))  # a's latest success
-    history.append(make_record("a", Result.ERROR, T0 + 2 * day, 1.0))
-    history.append(make_record("a", Result.SUCCESS, T0 + 200 * day, 1.0, dry_run=True))
-    history.append(make_record("b", Result.SUCCESS, T0 + 3 * day, 1.0, dry_run=True))
-    history.append(make_record("b", Result.SKIPPED, T0 + 4 * day, 0.0))
-    history.append(make_record("c", Result.SUCCESS, T0 + 150 * day, 1.0))
-    history.append(make_record("c", Result.SUCCESS, T0 + 5 * day, 1.0))
+    history.append(full_record("a", Result.SUCCESS, T0, duration_seconds=1.0))
+    history.append(
+        full_record("a", Result.SUCCESS, T0 + day, duration_seconds=1.0)
+    )  # a's latest success
+    history.append(full_record("a", Result.ERROR, T0 + 2 * day, duration_seconds=1.0))
+    history.append(
+        full_record("a", Result.SUCCESS, T0 + 200 * day, duration_seconds=1.0, dry_run=True)
+    )
+    history.append(
+        full_record("b", Result.SUCCESS, T0 + 3 * day, duration_seconds=1.0, dry_run=True)
+    )
+    history.append(full_record("b", Result.SKIPPED, T0 + 4 * day, duration_seconds=0.0))
+    history.append(full_record("c", Result.SUCCESS, T0 + 150 * day, duration_seconds=1.0))
+    history.append(full_record("c", Result.SUCCESS, T0 + 5 * day, duration_seconds=1.0))
     history.append_sweep("nightly", T0, T0 + 10, 3, 0)
     history.append_sweep("nightly", T0 + day, T0 + day + 10, 3, 0)
     history.append_sweep("weekly", T0, T0 + 10, 1, 0)
@@ -527,7 +483,7 @@ def test_prune_deletes_old_rows_but_keeps_what_start_up_reads_back(history: Hist
 
 def test_prune_on_a_read_only_database_raises_history_error(tmp_path: Path) -> None:
     with History(tmp_path) as writer:
-        writer.append(make_record("a", Result.SUCCESS, T0))
-        writer.append(make_record("a", Result.SUCCESS, T0 + 1))
+        writer.append(full_record("a", Result.SUCCESS, T0))
+        writer.append(full_record("a", Result.SUCCESS, T0 + 1))
     with History(tmp_path, readonly=True) as reader, pytest.raises(HistoryError):
         reader.prune(T0 + 10)

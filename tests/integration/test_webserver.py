@@ -20,6 +20,7 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
+from support.files import write_web_config
 from virt_trimd.config.web import WebConfigError
 from virt_trimd.web.server import (
     MetricsServer,
@@ -246,12 +247,6 @@ def client_context(pki: Pki, with_client_cert: bool = False) -> ssl.SSLContext:
     if with_client_cert:
         context.load_cert_chain(pki.client_cert, pki.client_key)
     return context
-
-
-def write_web_config(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "web-config.yml"
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture

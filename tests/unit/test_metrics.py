@@ -8,8 +8,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.records import disk_record, trim_record
 from virt_trimd.engine.state import DiskState, State, StateSnapshot
-from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
+from virt_trimd.records import FilesystemResult, Result, SweepSummary
 from virt_trimd.web.collector import TrimdCollector
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=UTC).timestamp()
@@ -54,45 +55,6 @@ CONTRACT_TYPES = {
 }
 
 
-def disk_record(
-    disk: str = "vda", before: int = 6 * GIB, after: int = 5 * GIB, **kw: object
-) -> DiskRecord:
-    fields: dict[str, object] = {
-        "path": f"/var/lib/libvirt/images/{disk}.qcow2",
-        "format": "qcow2",
-        "bus": "virtio",
-        "discard": "unmap",
-        "allocated_before": before,
-        "allocated_after": after,
-        "reclaimed_bytes": before - after,
-        "virtual_size": 20 * GIB,
-        "file_size": 7 * GIB,
-        "effective": True,
-    }
-    fields.update(kw)
-    return DiskRecord(disk=disk, **fields)  # type: ignore[arg-type]
-
-
-def record(
-    domain: str = "web1",
-    result: Result = Result.SUCCESS,
-    disks: tuple[DiskRecord, ...] = (),
-    filesystems: tuple[FilesystemResult, ...] = (),
-    duration: float = 1.5,
-) -> TrimRecord:
-    return TrimRecord(
-        domain=domain,
-        uuid="u",
-        result=result,
-        message="",
-        started_at="2024-05-01T02:00:00+00:00",
-        duration_seconds=duration,
-        filesystems=filesystems,
-        disks=disks,
-        schedule="nightly",
-    )
-
-
 def scrape(state: State, version: str = "1.2.3") -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(TrimdCollector(state, version))
@@ -110,7 +72,7 @@ def representative_state() -> State:
             )
         ],
     )  # fmt: skip
-    rec = record(
+    rec = trim_record(
         disks=(disk_record(),),
         filesystems=(FilesystemResult("/", 2 * GIB, None),),
     )
@@ -137,10 +99,10 @@ def test_reclaimed_counter_counts_positive_reclaim_only() -> None:
     state = State()
     registry = scrape(state)
     labels = {"domain": "web1", "disk": "vda"}
-    state.observe_trim(record(disks=(disk_record(before=GIB, after=2 * GIB),)))
+    state.observe_trim(trim_record(disks=(disk_record(before=GIB, after=2 * GIB),)))
     assert registry.get_sample_value("virt_trimd_reclaimed_bytes_total", labels) == 0
-    state.observe_trim(record(disks=(disk_record(before=3 * GIB, after=GIB),)))
-    state.observe_trim(record(disks=(disk_record(before=GIB, after=GIB + 4096),)))
+    state.observe_trim(trim_record(disks=(disk_record(before=3 * GIB, after=GIB),)))
+    state.observe_trim(trim_record(disks=(disk_record(before=GIB, after=GIB + 4096),)))
     assert registry.get_sample_value("virt_trimd_reclaimed_bytes_total", labels) == 2 * GIB
     # The disk gauge follows the latest measurement, whichever way it went.
     assert registry.get_sample_value("virt_trimd_disk_allocated_bytes", labels) == GIB + 4096
@@ -149,7 +111,7 @@ def test_reclaimed_counter_counts_positive_reclaim_only() -> None:
 def test_trims_total_by_result() -> None:
     state = State()
     for result in (Result.SUCCESS, Result.SUCCESS, Result.PARTIAL, Result.AGENT_UNAVAILABLE):
-        state.observe_trim(record(result=result))
+        state.observe_trim(trim_record(result=result))
     registry = scrape(state)
 
     def trims(result: str) -> float | None:
@@ -165,8 +127,8 @@ def test_trims_total_by_result() -> None:
 
 def test_guest_trimmed_counter() -> None:
     state = State()
-    state.observe_trim(record(filesystems=(FilesystemResult("/var", 300, None),)))
-    state.observe_trim(record(filesystems=(FilesystemResult("/var", 200, None),)))
+    state.observe_trim(trim_record(filesystems=(FilesystemResult("/var", 300, None),)))
+    state.observe_trim(trim_record(filesystems=(FilesystemResult("/var", 200, None),)))
     assert (
         scrape(state).get_sample_value(
             "virt_trimd_guest_trimmed_bytes_total", {"domain": "web1", "mountpoint": "/var"}
@@ -178,8 +140,8 @@ def test_guest_trimmed_counter() -> None:
 def test_duration_histogram_buckets() -> None:
     state = State()
     for seconds in (0.05, 0.3, 0.3, 45.0, 5000.0):
-        state.observe_trim(record(duration=seconds))
-    state.observe_trim(record(result=Result.NOT_RUNNING, duration=0.0))
+        state.observe_trim(trim_record(duration_seconds=seconds))
+    state.observe_trim(trim_record(result=Result.NOT_RUNNING, duration_seconds=0.0))
     registry = scrape(state)
 
     def bucket(le: str) -> float | None:
@@ -204,7 +166,7 @@ def test_duration_histogram_buckets() -> None:
 
 def test_vanished_domains_disappear_after_retain_domains() -> None:
     state = representative_state()
-    state.observe_trim(record("db1", disks=(disk_record("sda"),)))
+    state.observe_trim(trim_record("db1", disks=(disk_record("sda"),)))
     registry = scrape(state)
     web1 = {"domain": "web1", "disk": "vda"}
     assert registry.get_sample_value("virt_trimd_disk_allocated_bytes", web1) == 5 * GIB
@@ -221,7 +183,7 @@ def test_last_success_and_schedules() -> None:
     registry = scrape(representative_state())
     assert (
         registry.get_sample_value("virt_trimd_last_success_timestamp_seconds", {"domain": "web1"})
-        == T0 + 1.5
+        == T0 + 2.0  # started_at + the record's 2 s
     )
     nightly = {"schedule": "nightly"}
     assert registry.get_sample_value("virt_trimd_next_run_timestamp_seconds", nightly) == T0 + 86400
@@ -303,7 +265,7 @@ def test_daemon_gauges_and_build_info() -> None:
 )
 def test_awkward_label_values_round_trip(name: str) -> None:
     state = State()
-    state.observe_trim(record(name, filesystems=(FilesystemResult(name, 7, None),)))
+    state.observe_trim(trim_record(name, filesystems=(FilesystemResult(name, 7, None),)))
     text = generate_latest(scrape(state)).decode("utf-8")
     seen = {
         (s.name, tuple(sorted(s.labels.items())), s.value)

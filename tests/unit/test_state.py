@@ -7,59 +7,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from support.records import disk_record, trim_record
 from virt_trimd.engine.state import DURATION_BUCKETS, DiskState, State
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=UTC).timestamp()
 GIB = 1 << 30
-
-
-def disk_record(
-    disk: str = "vda",
-    before: int | None = 6 * GIB,
-    after: int | None = 5 * GIB,
-    *,
-    not_measured: str | None = None,
-    effective: bool | None = True,
-) -> DiskRecord:
-    return DiskRecord(
-        disk=disk,
-        path=f"/images/{disk}.qcow2",
-        format="qcow2",
-        bus="virtio",
-        discard="unmap",
-        allocated_before=before,
-        allocated_after=after,
-        reclaimed_bytes=None if before is None or after is None else before - after,
-        virtual_size=20 * GIB,
-        file_size=7 * GIB,
-        not_measured=not_measured,
-        effective=effective,
-    )
-
-
-def record(
-    domain: str = "web1",
-    result: Result = Result.SUCCESS,
-    *,
-    disks: tuple[DiskRecord, ...] = (),
-    filesystems: tuple[FilesystemResult, ...] = (),
-    started_at: str = "2024-05-01T02:00:00+00:00",
-    duration: float = 2.0,
-    dry_run: bool = False,
-) -> TrimRecord:
-    return TrimRecord(
-        domain=domain,
-        uuid="u-" + domain,
-        result=result,
-        message="",
-        started_at=started_at,
-        duration_seconds=duration,
-        filesystems=filesystems,
-        disks=disks,
-        schedule="nightly",
-        dry_run=dry_run,
-    )
 
 
 def census_disk(domain: str = "web1", disk: str = "vda", **kw: object) -> DiskState:
@@ -81,21 +34,23 @@ def census_disk(domain: str = "web1", disk: str = "vda", **kw: object) -> DiskSt
 
 def test_reclaimed_counter_grows_by_positive_reclaim_only() -> None:
     state = State()
-    state.observe_trim(record(disks=(disk_record("vda", 6 * GIB, 5 * GIB),)))
-    state.observe_trim(record(disks=(disk_record("vda", 5 * GIB, 5 * GIB + 100),)))
-    state.observe_trim(record(disks=(disk_record("vda", 5 * GIB, 4 * GIB),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", 6 * GIB, 5 * GIB),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", 5 * GIB, 5 * GIB + 100),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", 5 * GIB, 4 * GIB),)))
     assert state.snapshot().reclaimed_bytes_total == {("web1", "vda"): 2 * GIB}
 
 
 def test_negative_first_reclaim_creates_series_at_zero() -> None:
     state = State()
-    state.observe_trim(record(disks=(disk_record("vda", GIB, 2 * GIB),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", GIB, 2 * GIB),)))
     assert state.snapshot().reclaimed_bytes_total == {("web1", "vda"): 0}
 
 
 def test_unmeasured_disks_touch_no_counter_or_gauge() -> None:
     state = State()
-    state.observe_trim(record(disks=(disk_record("sdb", None, None, not_measured="network disk"),)))
+    state.observe_trim(
+        trim_record(disks=(disk_record("sdb", None, None, not_measured="network disk"),))
+    )
     snap = state.snapshot()
     assert snap.reclaimed_bytes_total == {}
     assert snap.disks == ()
@@ -108,20 +63,20 @@ def test_guest_trimmed_per_mountpoint_skips_unknown_sizes() -> None:
         FilesystemResult("/boot", None, "FITRIM: not supported"),
         FilesystemResult("C:\\", None, None),
     )
-    state.observe_trim(record(filesystems=fss))
-    state.observe_trim(record(filesystems=(FilesystemResult("/", 50, None),)))
+    state.observe_trim(trim_record(filesystems=fss))
+    state.observe_trim(trim_record(filesystems=(FilesystemResult("/", 50, None),)))
     assert state.snapshot().guest_trimmed_bytes_total == {("web1", "/"): 150}
 
 
 def test_trims_total_by_result_and_dry_runs_change_nothing() -> None:
     state = State()
-    state.observe_trim(record(result=Result.SUCCESS))
-    state.observe_trim(record(result=Result.SUCCESS))
-    state.observe_trim(record(result=Result.TIMEOUT))
-    state.observe_trim(record("db1", Result.SKIPPED))
+    state.observe_trim(trim_record(result=Result.SUCCESS))
+    state.observe_trim(trim_record(result=Result.SUCCESS))
+    state.observe_trim(trim_record(result=Result.TIMEOUT))
+    state.observe_trim(trim_record("db1", Result.SKIPPED))
     before = state.snapshot()
     state.observe_trim(
-        record(
+        trim_record(
             result=Result.SUCCESS,
             dry_run=True,
             disks=(disk_record(),),
@@ -141,9 +96,9 @@ def test_trims_total_by_result_and_dry_runs_change_nothing() -> None:
 def test_duration_histogram_buckets_and_unattempted_results() -> None:
     state = State()
     for seconds in (0.05, 1.0, 1.01, 4000.0):
-        state.observe_trim(record(duration=seconds))
+        state.observe_trim(trim_record(duration_seconds=seconds))
     for result in (Result.SKIPPED, Result.NOT_RUNNING, Result.AGENT_MISSING):
-        state.observe_trim(record("idle", result, duration=0.0))
+        state.observe_trim(trim_record("idle", result, duration_seconds=0.0))
     hist = state.snapshot().trim_duration
     assert hist.bounds == DURATION_BUCKETS
     by_bound = dict(zip(hist.bounds, hist.counts, strict=True))
@@ -165,19 +120,23 @@ def test_buckets_span_a_tenth_of_a_second_to_an_hour() -> None:
 
 def test_last_success_is_finish_of_success_only() -> None:
     state = State()
-    state.observe_trim(record("a", Result.SUCCESS, duration=3.0))
+    state.observe_trim(trim_record("a", Result.SUCCESS, duration_seconds=3.0))
     state.observe_trim(
-        record("a", Result.PARTIAL, started_at="2024-05-02T02:00:00+00:00", duration=1.0)
+        trim_record(
+            "a", Result.PARTIAL, started_at="2024-05-02T02:00:00+00:00", duration_seconds=1.0
+        )
     )
-    state.observe_trim(record("b", Result.PARTIAL))
-    state.observe_trim(record("c", Result.SUCCESS, started_at="2024-05-01T02:00:00", duration=1))
+    state.observe_trim(trim_record("b", Result.PARTIAL))
+    state.observe_trim(
+        trim_record("c", Result.SUCCESS, started_at="2024-05-01T02:00:00", duration_seconds=1)
+    )
     assert state.snapshot().last_success_ts == {"a": T0 + 3.0, "c": T0 + 1.0}
 
 
 def test_last_success_never_goes_back() -> None:
     state = State()
-    state.observe_trim(record(started_at="2024-05-02T02:00:00+00:00", duration=0.0))
-    state.observe_trim(record(started_at="2024-05-01T02:00:00+00:00", duration=0.0))
+    state.observe_trim(trim_record(started_at="2024-05-02T02:00:00+00:00", duration_seconds=0.0))
+    state.observe_trim(trim_record(started_at="2024-05-01T02:00:00+00:00", duration_seconds=0.0))
     state.restore_last_success({"web1": T0, "other": T0 - 5})
     assert state.snapshot().last_success_ts == {"web1": T0 + 86400, "other": T0 - 5}
     state.restore_last_success({"other": T0})
@@ -186,14 +145,14 @@ def test_last_success_never_goes_back() -> None:
 
 def test_unparseable_started_at_uses_now() -> None:
     state = State()
-    state.observe_trim(record(started_at="garbage"), now=T0 + 42)
+    state.observe_trim(trim_record(started_at="garbage"), now=T0 + 42)
     assert state.snapshot().last_success_ts == {"web1": T0 + 42}
 
 
 def test_trim_updates_disk_gauges_and_keeps_census_only_fields() -> None:
     state = State()
     state.observe_census("web1", [census_disk(effective=False)])
-    state.observe_trim(record(disks=(disk_record("vda", 6 * GIB, 5 * GIB, effective=True),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", 6 * GIB, 5 * GIB, effective=True),)))
     (disk,) = state.snapshot().disks
     assert disk.allocated_bytes == 5 * GIB
     assert disk.virtual_bytes == 20 * GIB
@@ -206,7 +165,7 @@ def test_trim_updates_disk_gauges_and_keeps_census_only_fields() -> None:
 def test_trim_without_effective_keeps_known_effective() -> None:
     state = State()
     state.observe_census("web1", [census_disk(effective=True)])
-    state.observe_trim(record(disks=(disk_record(effective=None),)))
+    state.observe_trim(trim_record(disks=(disk_record(effective=None),)))
     assert state.snapshot().disks[0].effective is True
 
 
@@ -233,7 +192,7 @@ def test_retain_domains_drops_every_series_of_vanished_domains() -> None:
     for name in ("keep", "gone"):
         state.observe_census(name, [census_disk(name)])
         state.observe_trim(
-            record(
+            trim_record(
                 name,
                 disks=(disk_record(),),
                 filesystems=(FilesystemResult("/", 1, None),),
@@ -256,8 +215,8 @@ def test_schedules_next_run_sweeps_and_retain() -> None:
     state.set_next_run("nightly", T0 + 86400)
     state.set_next_run("weekly", T0 + 7 * 86400)
     recs = (
-        record(disks=(disk_record("vda", 6 * GIB, 5 * GIB),)),
-        record("db1", disks=(disk_record("vda", GIB, 2 * GIB),)),
+        trim_record(disks=(disk_record("vda", 6 * GIB, 5 * GIB),)),
+        trim_record("db1", disks=(disk_record("vda", GIB, 2 * GIB),)),
     )
     state.observe_sweep("nightly", SweepSummary(recs), T0 + 60)
     state.observe_sweep("weekly", SweepSummary(), T0 + 1)
@@ -303,9 +262,9 @@ def test_config_reload_defaults_to_now() -> None:
 
 def test_snapshot_is_a_frozen_copy() -> None:
     state = State()
-    state.observe_trim(record(disks=(disk_record(),)))
+    state.observe_trim(trim_record(disks=(disk_record(),)))
     snap = state.snapshot()
-    state.observe_trim(record(disks=(disk_record(),)))
+    state.observe_trim(trim_record(disks=(disk_record(),)))
     state.retain_domains([])
     assert snap.trims_total == {("web1", "success"): 1}
     with pytest.raises(TypeError):
@@ -317,7 +276,7 @@ def test_concurrent_observations_are_not_lost() -> None:
 
     def worker(n: int) -> None:
         for _ in range(500):
-            state.observe_trim(record(f"d{n % 2}", disks=(disk_record("vda", 10, 9),)))
+            state.observe_trim(trim_record(f"d{n % 2}", disks=(disk_record("vda", 10, 9),)))
             state.snapshot()
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
@@ -333,7 +292,7 @@ def test_concurrent_observations_are_not_lost() -> None:
 
 def test_census_keeps_the_latest_trim_effectiveness_verdict() -> None:
     from virt_trimd.engine.state import DiskState, State
-    from virt_trimd.records import DiskRecord, Result, TrimRecord
+    from virt_trimd.records import Result
 
     state = State()
     disk = DiskRecord(

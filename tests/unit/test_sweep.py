@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
 
-from virt_trimd.engine.sweep import DomainLocks, run_sweep, select_domains, start_order
+from virt_trimd.engine.sweep import (
+    DomainLocks,
+    SweepContext,
+    SweepPlan,
+    run_sweep,
+    select_domains,
+    start_order,
+)
 from virt_trimd.engine.trim import TrimOptions
 from virt_trimd.records import AgentChannel, DomainInfo, Result, TrimRecord
 
@@ -54,8 +62,15 @@ class FakeTrimmer:
                 self.active -= 1
 
 
+_CONTEXT_FIELDS = {f.name for f in dataclasses.fields(SweepContext)}
+
+
 def _sweep(trimmer: FakeTrimmer, doms: list[DomainInfo], **kw: Any) -> list[TrimRecord]:
-    return list(run_sweep(trimmer, doms, TrimOptions(), **kw).records)  # type: ignore[arg-type]
+    """run_sweep with plan and context fields given as keywords, as the tests read best."""
+    plan = SweepPlan(**{k: v for k, v in kw.items() if k not in _CONTEXT_FIELDS})
+    context = SweepContext(**{k: v for k, v in kw.items() if k in _CONTEXT_FIELDS})
+    fake: Any = trimmer
+    return list(run_sweep(fake, doms, TrimOptions(), plan, context).records)
 
 
 def test_select_domains_globs() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from virt_trimd.host.domxml import AGENT_CHANNEL_NAME
@@ -267,12 +267,20 @@ def _driver_fix(disk: Disk, domain: str) -> str:
     return new + f"; `virt-trimd audit --enable-discard {shlex.quote(domain)}` does this)"
 
 
+@dataclass
+class _Findings:
+    """What the checks of one disk found so far: blocking reasons, notes, fixes."""
+
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)
+
+
 def _check_disk(
     disk: Disk, machine: str | None, qemu_version: QemuVersion | None, domain: str = "DOMAIN"
 ) -> _Check:
-    reasons: list[str] = []
-    notes: list[str] = []
-    fixes: list[str] = []
+    found = _Findings()
+    reasons, notes, fixes = found.reasons, found.notes, found.fixes
     needs_discard_attr = True
     src = disk.source_type
     proto = disk.network_protocol or "unknown"
@@ -326,7 +334,7 @@ def _check_disk(
             )
         fixes.append(_driver_fix(disk, domain))
 
-    _check_bus(disk, machine, qemu_version, reasons, notes, fixes)
+    _check_bus(disk, machine, qemu_version, found)
 
     if disk.detect_zeroes == "unmap":
         if disk.discard == "unmap":
@@ -353,13 +361,10 @@ def _check_disk(
 
 
 def _check_bus(
-    disk: Disk,
-    machine: str | None,
-    qemu_version: QemuVersion | None,
-    reasons: list[str],
-    notes: list[str],
-    fixes: list[str],
+    disk: Disk, machine: str | None, qemu_version: QemuVersion | None, found: _Findings
 ) -> None:
+    """Add what the disk's bus means for discards to `found`."""
+    reasons, notes, fixes = found.reasons, found.notes, found.fixes
     bus = disk.bus
     if bus == "virtio":
         ok, why = virtio_blk_discard(machine, qemu_version)

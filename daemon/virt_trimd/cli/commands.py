@@ -27,7 +27,7 @@ from virt_trimd.audit.report import audit_to_json, format_audit_table
 from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times
-from virt_trimd.engine.sweep import run_sweep, select_domains
+from virt_trimd.engine.sweep import SweepPlan, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
 from virt_trimd.host.agent import HypervisorError, Outcome
@@ -143,7 +143,7 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
         opts = TrimOptions.from_config(
             config, timeout_seconds=timeout, minimum_bytes=minimum, dry_run=args.dry_run
         )
-        summary = run_sweep(trimmer, domains, opts, concurrency=args.concurrency)
+        summary = run_sweep(trimmer, domains, opts, SweepPlan(concurrency=args.concurrency))
     finally:
         hv.close()
     if args.json:

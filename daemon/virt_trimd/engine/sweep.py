@@ -64,33 +64,59 @@ class DomainLocks:
         return now - last
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """How one sweep runs: how many at once, when each domain starts, what is too soon.
+
+    `delay_for` gives each domain's start offset (spreading), counted from
+    `started_monotonic` (when the schedule fired; now if None). `expected_seconds` (the
+    last trim's duration, None if unknown) starts long trims first; see start_order.
+    """
+
+    concurrency: int = 1
+    min_interval_seconds: float = 0.0
+    delay_for: Callable[[DomainInfo], float] | None = None
+    expected_seconds: Callable[[DomainInfo], float | None] | None = None
+    started_monotonic: float | None = None
+
+
+@dataclass
+class SweepContext:
+    """What a sweep shares with the daemon around it.
+
+    `locks` hold domains across concurrent sweeps and remember last trims; `stop` cuts
+    waits short and skips domains not yet started; `on_record` runs in the worker
+    thread as each record completes (history, metrics).
+    """
+
+    locks: DomainLocks = field(default_factory=DomainLocks)
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_record: Callable[[TrimRecord], None] | None = None
+    wall_clock: Callable[[], float] = time.time
+
+
 def run_sweep(
     trimmer: DomainTrimmer,
     domains: Sequence[DomainInfo],
     opts: TrimOptions,
-    *,
-    concurrency: int = 1,
-    locks: DomainLocks | None = None,
-    min_interval_seconds: float = 0.0,
-    delay_for: Callable[[DomainInfo], float] | None = None,
-    on_record: Callable[[TrimRecord], None] | None = None,
-    stop: threading.Event | None = None,
-    wall_clock: Callable[[], float] = time.time,
-    started_monotonic: float | None = None,
-    expected_seconds: Callable[[DomainInfo], float | None] | None = None,
+    plan: SweepPlan | None = None,
+    context: SweepContext | None = None,
 ) -> SweepSummary:
-    """Trim `domains` with at most `concurrency` at once; return every record.
+    """Trim `domains` as `plan` says, sharing `context`; return every record.
 
-    `delay_for` gives each domain's start offset (spreading); `stop` cuts waits
-    short and skips domains not yet started. `on_record` runs in the worker
-    thread as each record completes (history, metrics). `expected_seconds` (the
-    last trim's duration, None if unknown) starts long trims first; see start_order.
     Records come back in the order of `domains`.
     """
-    locks = locks or DomainLocks()
-    stop = stop or threading.Event()
+    plan = plan or SweepPlan()
+    context = context or SweepContext()
+    locks, stop, on_record, wall_clock = (
+        context.locks,
+        context.stop,
+        context.on_record,
+        context.wall_clock,
+    )
+    delay_for, min_interval_seconds = plan.delay_for, plan.min_interval_seconds
     # Offsets count from when the schedule fired, not from when listing finished.
-    t0 = time.monotonic() if started_monotonic is None else started_monotonic
+    t0 = time.monotonic() if plan.started_monotonic is None else plan.started_monotonic
 
     def one(dom: DomainInfo) -> TrimRecord | None:
         if delay_for is not None:
@@ -144,9 +170,11 @@ def run_sweep(
         with rec_lock:
             records.append(rec)
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="trim") as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, plan.concurrency), thread_name_prefix="trim"
+    ) as pool:
         for fut in [
-            pool.submit(worker, d) for d in start_order(domains, delay_for, expected_seconds)
+            pool.submit(worker, d) for d in start_order(domains, delay_for, plan.expected_seconds)
         ]:
             fut.result()
     order = {d.uuid: i for i, d in enumerate(domains)}

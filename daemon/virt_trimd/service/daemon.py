@@ -39,7 +39,13 @@ from virt_trimd.config.model import (
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offset
 from virt_trimd.engine.state import DiskState, State
-from virt_trimd.engine.sweep import DomainLocks, run_sweep, select_domains
+from virt_trimd.engine.sweep import (
+    DomainLocks,
+    SweepContext,
+    SweepPlan,
+    run_sweep,
+    select_domains,
+)
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_disk
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
@@ -331,19 +337,15 @@ class Daemon:
             minimum_bytes=sched.minimum_bytes,
             schedule=sched.name,
         )
-        summary = run_sweep(
-            self.trimmer,
-            picked,
-            opts,
+        plan = SweepPlan(
             concurrency=sched.concurrency,
-            locks=self.locks,
             min_interval_seconds=sched.min_interval_seconds,
             delay_for=delay_for if window > 0 else None,
-            on_record=self.record,
-            stop=self.stop_event,
-            started_monotonic=started_monotonic,
             expected_seconds=lambda dom: self.last_duration.get(dom.uuid),
+            started_monotonic=started_monotonic,
         )
+        context = SweepContext(locks=self.locks, stop=self.stop_event, on_record=self.record)
+        summary = run_sweep(self.trimmer, picked, opts, plan, context)
         finished = time.time()
         self.state.observe_sweep(sched.name, summary, finished)
         if self.history is not None and not self.stop_event.is_set():
