@@ -144,7 +144,7 @@ class Summary:
         )
 
 
-def row(
+def row(  # noqa: PLR0913  (keyword-only presentation knobs with defaults)
     bench: str,
     metric: str,
     unit: str,

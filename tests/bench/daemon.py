@@ -14,7 +14,7 @@ from bench.common import env_with_package
 from support.notify import NotifyReceiver
 
 
-def daemon_config(
+def daemon_config(  # noqa: PLR0913  (keyword-only knobs with defaults)
     state_dir: Path,
     port: int,
     domains: Sequence[str],

@@ -81,7 +81,9 @@ def guest_factory(
 
     def start(*specs: rig.GuestSpec, timeout_s: float = 120) -> list[rig.GuestHandle]:
         names.extend(s.domain_name for s in specs)
-        return rig.start_guests(libvirt_conn, specs, tmp_path / "guests", rig_boot, timeout_s)
+        return rig.start_guests(
+            libvirt_conn, specs, tmp_path / "guests", rig_boot, timeout_s=timeout_s
+        )
 
     yield start
     if os.environ.get("VTRIMD_RIG_KEEP") == "1":

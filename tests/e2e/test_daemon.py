@@ -42,8 +42,14 @@ def guests(
         yield by_name
 
 
-def _config(
-    state: Path, port: int, schedules: str, grace: str = "3s", census: str = "2s", extra: str = ""
+def _config(  # noqa: PLR0913  (keyword-only knobs with defaults, read best at the call)
+    state: Path,
+    port: int,
+    schedules: str,
+    *,
+    grace: str = "3s",
+    census: str = "2s",
+    extra: str = "",
 ) -> str:
     return (
         f"metrics:\n  listen: 127.0.0.1:{port}\n"

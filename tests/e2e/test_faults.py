@@ -281,7 +281,7 @@ def test_guest_destroyed_mid_trim(
     _no_traceback(caplog)
 
 
-def test_guest_undefined_between_listing_and_trimming(
+def test_guest_undefined_between_listing_and_trimming(  # noqa: PLR0913, PLR0917  (fixtures)
     guests: dict[str, rig.GuestHandle],
     libvirt_conn: libvirt.virConnect,
     rig_boot: rig.BootFiles,

@@ -345,11 +345,12 @@ def wait_ready(handle: GuestHandle, timeout_s: float = 90) -> None:
     wait_for_boot(handle.dom, timeout_s)
 
 
-def start_guests(
+def start_guests(  # noqa: PLR0913  (two keyword-only knobs with defaults)
     conn: libvirt.virConnect,
     specs: Iterable[GuestSpec],
     workdir: Path,
     boot: BootFiles,
+    *,
     timeout_s: float = 120,
     owner: Owner = "process",
 ) -> list[GuestHandle]:

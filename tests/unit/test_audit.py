@@ -34,7 +34,7 @@ AGENT_CONNECTED = (
 UNMAP_QCOW2 = "<driver name='qemu' type='qcow2' discard='unmap'/>"
 
 
-def disk_xml(
+def disk_xml(  # noqa: PLR0913  (keyword-only XML attributes with defaults)
     target: str,
     bus: str,
     driver: str | None = UNMAP_QCOW2,
