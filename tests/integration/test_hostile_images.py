@@ -9,6 +9,7 @@ with a short one-line message, and a DomainTrimmer must turn errors into `not_me
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from virt_trimd.engine.trim import DomainTrimmer
 from virt_trimd.host.hypervisor import Hypervisor
-from virt_trimd.host.measure import MeasureError, Measurer
+from virt_trimd.host.measure import MeasureError, Measurer, parse_qemu_img_info
 from virt_trimd.records import Disk, QemuImgLimits
 
 MiB = 1 << 20
@@ -151,14 +152,20 @@ def test_corrupted_qcow2_header_is_a_short_measure_error(tmp_path: Path, corrupt
     assert "\n" not in message and len(message) <= 600  # one log line, bounded
 
 
-def test_absurd_virtual_size_is_reported_not_trusted_blindly(tmp_path: Path) -> None:
-    img = _patched(_qcow2(tmp_path / "huge.qcow2"), size=(1 << 63) - 512)
-    try:
-        alloc = _measurer().allocation(str(img), "qcow2")
-    except MeasureError as exc:
-        assert "qemu-img info failed" in str(exc)  # qemu refuses sizes it cannot address
-    else:
-        assert alloc.virtual_bytes is not None and alloc.virtual_bytes >= 0
+@pytest.mark.parametrize("size", [1 << 60, (1 << 63) - 512])
+def test_absurd_virtual_size_is_refused(tmp_path: Path, size: int) -> None:
+    """A guest-written header claiming exabytes gives no virtual size, never the number."""
+    img = _patched(_qcow2(tmp_path / "huge.qcow2"), size=size)
+    with pytest.raises(MeasureError, match=r"qemu-img info failed: .*Image is too big"):
+        _measurer().allocation(str(img), "qcow2")
+
+
+@pytest.mark.parametrize("size", [(1 << 60) + 1, 1 << 62, (1 << 63) - 512])
+def test_an_implausible_virtual_size_printed_by_qemu_img_is_refused(size: int) -> None:
+    """Should a qemu-img print such a size, the parser refuses it too (bound: 1 EiB)."""
+    with pytest.raises(MeasureError, match="implausible virtual-size"):
+        parse_qemu_img_info(json.dumps({"virtual-size": size, "format": "qcow2"}))
+    assert parse_qemu_img_info(json.dumps({"virtual-size": 1 << 60})) == 1 << 60
 
 
 # -- the trimmer turns all of it into not_measured -------------------------------------

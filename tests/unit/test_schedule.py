@@ -72,7 +72,9 @@ def test_build_trigger_kinds() -> None:
     cron = build_trigger(_sched(), TZ)
     assert cron.get_next_fire_time(None, now) == dt.datetime(2026, 1, 1, 2, 30, tzinfo=TZ)
     every = build_trigger(_sched(cron=None, every_seconds=60), TZ)
-    assert every.get_next_fire_time(None, now) is not None
+    first = every.get_next_fire_time(None, now)
+    assert first is not None
+    assert every.get_next_fire_time(first, first) - first == dt.timedelta(seconds=60)
 
 
 def test_catch_up_when_a_run_was_missed() -> None:

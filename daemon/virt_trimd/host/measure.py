@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from virt_trimd.host.agent import MAX_SANE_BYTES
 from virt_trimd.records import Allocation, QemuImgLimits
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
@@ -173,4 +174,8 @@ def parse_qemu_img_info(text: str) -> int:
     size = doc.get("virtual-size") if isinstance(doc, dict) else None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise MeasureError("qemu-img info gave no usable virtual-size")
+    if size > MAX_SANE_BYTES:
+        # The image header is guest-written. Today's qemu-img refuses such images itself
+        # ("Image is too big"); this holds should another version print the number.
+        raise MeasureError(f"qemu-img info gave an implausible virtual-size ({size} bytes)")
     return size
