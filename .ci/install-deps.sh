@@ -11,6 +11,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
     libsystemd-dev pkg-config gcc busybox-static linux-image-amd64 qemu-guest-agent
     e2fsprogs cpio prometheus time
+    curl openssl systemd util-linux
 )
 
 log() { echo "install-deps: $*"; }

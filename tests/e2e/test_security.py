@@ -202,27 +202,27 @@ def test_tls_and_basic_auth_with_a_real_daemon(tmp_path: Path, pki: Path) -> Non
         # Plain HTTP against the TLS port: a clean 400, and the daemon serves on.
         assert _get(f"http://127.0.0.1:{port}/metrics", None, "prometheus", PASSWORD) == 400
         # A second, independent TLS client.
-        if shutil.which("curl"):
-            out = subprocess.run(
-                [
-                    "curl",
-                    "-sS",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--cacert",
-                    str(pki / "server.crt"),
-                    "-u",
-                    f"prometheus:{PASSWORD}",
-                    https,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            assert out.stdout == "200", out
+        # curl is installed by .ci/install-deps.sh: without it this fails, never skips.
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                str(pki / "server.crt"),
+                "-u",
+                f"prometheus:{PASSWORD}",
+                https,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.stdout == "200", out
         # Garbage bytes instead of a TLS hello.
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             raw.sendall(b"\x00\xff" * 512)
