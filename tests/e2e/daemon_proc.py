@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from e2e.helpers import cli_env
+from support.cli import cli_env
 from support.notify import NotifyReceiver
 
 T = TypeVar("T")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,31 +12,10 @@ from typing import Any
 import libvirt
 
 import rig
+from support.cli import virt_trimd
 
-ROOT = Path(__file__).resolve().parents[2]
 QCOW2_CLUSTER = 64 * 1024
 MIB = 1 << 20
-
-
-def cli_env() -> dict[str, str]:
-    """Environment that runs this checkout's package, whatever is installed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "daemon"), env.get("PYTHONPATH", "")])
-    env.pop("NOTIFY_SOCKET", None)
-    env.pop("JOURNAL_STREAM", None)
-    return env
-
-
-def virt_trimd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `virt-trimd ARGS` from this checkout and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "virt_trimd", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-        check=False,
-    )
 
 
 def trim_json(*args: str, timeout: float = 300) -> tuple[int, dict[str, Any], str]:

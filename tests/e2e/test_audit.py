@@ -20,16 +20,9 @@ import libvirt
 import pytest
 
 import rig
-from e2e.helpers import (
-    MIB,
-    QCOW2_CLUSTER,
-    booted_guests,
-    record_of,
-    stat_allocated,
-    trim_json,
-    virt_trimd,
-)
+from e2e.helpers import MIB, QCOW2_CLUSTER, booted_guests, record_of, stat_allocated, trim_json
 from rig import DiskSpec, GuestSpec
+from support.cli import virt_trimd
 from support.files import write_config
 
 

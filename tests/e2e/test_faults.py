@@ -31,9 +31,10 @@ import pytest
 import faults_agent as fa
 import rig
 from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
-from e2e.helpers import booted_guests, cli_env
+from e2e.helpers import booted_guests
 from faults_libvirtd import PrivateLibvirtd
 from rig import DiskSpec, GuestSpec
+from support.cli import cli_env
 from support.files import free_port, write_config
 from virt_trimd.engine.history import History
 from virt_trimd.engine.sweep import SweepPlan, run_sweep

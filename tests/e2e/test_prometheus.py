@@ -16,9 +16,10 @@ import pytest
 
 import rig
 from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
-from e2e.helpers import MIB, QCOW2_CLUSTER, ROOT, stat_allocated
+from e2e.helpers import MIB, QCOW2_CLUSTER, stat_allocated
 from e2e.prom_helpers import PrometheusProc
 from rig import DiskSpec, GuestSpec
+from support.cli import ROOT
 from support.files import free_port, write_config
 from unit.promql_names import (
     CONTRACT_METRICS,

@@ -42,8 +42,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import faults_agent as fa
 import rig
 from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
-from e2e.helpers import ROOT, virt_trimd
 from rig import DiskSpec, GuestSpec
+from support.cli import ROOT, virt_trimd
 from support.files import free_port, write_config
 from virt_trimd.config.model import Config
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
