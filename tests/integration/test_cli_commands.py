@@ -77,9 +77,10 @@ def test_the_daily_prune_job_prunes(tmp_path: Path) -> None:
     assert daemon.history is not None
     now = time.time()
     daemon.start_scheduler()
+    scheduler = daemon.scheduler
+    assert scheduler is not None
     try:
-        assert daemon.scheduler is not None
-        job = daemon.scheduler.get_job("history-prune")
+        job = scheduler.get_job("history-prune")
         assert job.trigger.interval.total_seconds() == 86400
         # A day later: one row has aged past the retention since the start-up prune.
         daemon.history.append(trim_record("old", Result.ERROR, started_at=iso(now - 31 * 86400)))
@@ -87,5 +88,5 @@ def test_the_daily_prune_job_prunes(tmp_path: Path) -> None:
         job.func()
         assert [r.domain for r in daemon.history.query()] == ["new"]
     finally:
-        daemon.scheduler.shutdown(wait=False)
+        scheduler.shutdown(wait=False)
         daemon.history.close()
