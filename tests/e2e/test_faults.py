@@ -34,7 +34,7 @@ from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from e2e.helpers import booted_guests
 from faults_libvirtd import PrivateLibvirtd
 from rig import DiskSpec, GuestSpec
-from support.cli import cli_env
+from support.cli import cli_env, virt_trimd
 from support.files import free_port, write_config
 from virt_trimd.engine.history import History
 from virt_trimd.engine.sweep import SweepPlan, run_sweep
@@ -104,6 +104,70 @@ def _watch_console(
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+# -- what reaches the agent, and a trim finishing inside the grace period ----------------
+
+
+def _fstrim_lines(handle: rig.GuestHandle, since: int) -> list[str]:
+    """The raw guest-fstrim requests the fake agent received (echoed on the console)."""
+    return [
+        line
+        for line in fa.console_text(handle)[since:].splitlines()
+        if fa.RX_MARKER in line and "guest-fstrim" in line
+    ]
+
+
+def test_trim_minimum_reaches_guest_fstrim(guests: dict[str, rig.GuestHandle]) -> None:
+    """`trim --minimum 1MiB` sends guest-fstrim {"minimum": 1048576}; without it, no argument."""
+    hang = guests["flt-hang"]
+    since = fa.install_fake_agent(hang, fa.FakeReplies(fstrim=FSTRIM_OK), duration_s=120)
+    try:
+        plain = virt_trimd("trim", "--json", hang.name, timeout=120)
+        (first,) = _fstrim_lines(hang, since)
+        with_minimum = virt_trimd("trim", "--json", "--minimum", "1MiB", hang.name, timeout=120)
+        second = _fstrim_lines(hang, since)[1]
+    finally:
+        fa.restore_real_agent(hang, since)
+    assert plain.returncode == with_minimum.returncode == 0, (plain.stderr, with_minimum.stderr)
+    assert "minimum" not in first.split("guest-fstrim", 1)[1], first
+    assert re.search(r'"arguments"\s*:\s*\{\s*"minimum"\s*:\s*1048576\s*\}', second), second
+
+
+def test_sigterm_during_a_trim_lets_it_finish_inside_the_grace_period(
+    guests: dict[str, rig.GuestHandle], tmp_path: Path
+) -> None:
+    """The agent answers guest-fstrim after 4 s; SIGTERM arrives once it has the call.
+
+    With a 30 s grace the daemon waits for the answer, records the trim and exits 0.
+    """
+    hang = guests["flt-hang"]
+    port = free_port()
+    state = tmp_path / "state"
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        f"metrics:\n  listen: 127.0.0.1:{port}\nstate_dir: {state}\ncensus_interval: 0\n"
+        "shutdown_grace: 30s\n"
+        f"schedules:\n  - name: soon\n    every: 2s\n    domains: [{hang.name}]\n",
+    )
+    since = fa.install_fake_agent(
+        hang, fa.FakeReplies(fstrim=FSTRIM_OK, fstrim_delay_s=4), duration_s=120
+    )
+    d = DaemonProc(cfg, tmp_path)
+    try:
+        d.wait_ready()
+        wait_for(lambda: _fstrim_lines(hang, since), 60, "guest-fstrim to reach the agent")
+        d.signal(signal.SIGTERM)
+        code = d.stop(timeout=60)
+    finally:
+        d.stop()
+        fa.restore_real_agent(hang, since)
+    log = d.log()
+    assert code == 0, log
+    assert "grace period over" not in log
+    assert "STOPPING=1" in d.notify.lines()
+    results = [(dom, result) for dom, result, _ in _trims(state)]
+    assert results[:1] == [(hang.name, "success")], results
 
 
 # -- a hung or frozen agent -----------------------------------------------------------

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -44,7 +45,7 @@ import rig
 from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from rig import DiskSpec, GuestSpec
 from support.cli import ROOT, virt_trimd
-from support.files import free_port, write_config
+from support.files import free_port, write_config, write_web_config
 from virt_trimd.config.model import Config
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.host.agent import ALLOWED_AGENT_COMMANDS, AgentCommandRefused
@@ -169,6 +170,63 @@ def _get(url: str, context: ssl.SSLContext | None, user: str | None, password: s
             return int(resp.status)
     except HTTPError as exc:
         return exc.code
+
+
+def _self_signed(directory: Path, common_name: str) -> None:
+    """server.crt and server.key in `directory`, overwriting what is there (a renewal)."""
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key",
+            "-out", "server.crt", "-days", "2", "-subj", f"/CN={common_name}",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        cwd=directory, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
+def _served_certificate(port: int) -> str:
+    return ssl.get_server_certificate(("127.0.0.1", port), timeout=10)
+
+
+def test_sighup_serves_a_renewed_certificate(tmp_path: Path) -> None:
+    """certbot-style renewal: new files at the same paths, then SIGHUP (systemctl reload)."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _self_signed(pki, "before-renewal")
+    web = write_web_config(
+        tmp_path,
+        f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n"
+        f"  key_file: {pki / 'server.key'}\n",
+    )
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        _daemon_config(tmp_path / "state", port, "  []\n", extra=f"  web_config_file: {web}\n"),
+    )
+    d = DaemonProc(cfg, tmp_path)
+    try:
+        d.wait_ready()
+        old = _served_certificate(port)
+        assert ssl.PEM_cert_to_DER_cert(old) == ssl.PEM_cert_to_DER_cert(
+            (pki / "server.crt").read_text()
+        )
+        _self_signed(pki, "after-renewal")
+        new = (pki / "server.crt").read_text()
+        d.signal(signal.SIGHUP)
+        wait_for(
+            lambda: (
+                ssl.PEM_cert_to_DER_cert(_served_certificate(port)) == ssl.PEM_cert_to_DER_cert(new)
+            ),
+            20,
+            "the renewed certificate to be served",
+        )
+        renewed = ssl.create_default_context(cafile=str(pki / "server.crt"))
+        assert _get(f"https://127.0.0.1:{port}/metrics", renewed, None, "") == 200
+        assert "configuration reloaded" in d.log()
+        assert d.proc.poll() is None
+    finally:
+        assert d.stop() == 0, d.log()
 
 
 def test_tls_and_basic_auth_with_a_real_daemon(tmp_path: Path, pki: Path) -> None:

@@ -15,6 +15,8 @@ import rig
 from e2e.helpers import MIB, QCOW2_CLUSTER, booted_guests, record_of, stat_allocated, trim_json
 from rig import DiskSpec, GuestSpec
 from support.cli import virt_trimd
+from support.files import free_port, write_config
+from virt_trimd.engine.history import History
 
 SCSI = GuestSpec("cli-scsi", disks=(DiskSpec(fmt="qcow2", bus="scsi", discard="unmap"),))
 TWO = GuestSpec(
@@ -314,3 +316,31 @@ def test_schedules_lists_fire_times_and_matching_domains(
     for name in ("cli-scsi", "cli-two", "cli-noagent"):
         assert rig.TEST_PREFIX + name in domains_line
     assert "cli-silent" not in domains_line and "cli-off" not in domains_line  # excluded / off
+
+
+def test_run_once_json_trims_every_schedule_and_records_it(
+    guests: dict[str, rig.GuestHandle], tmp_path: Path
+) -> None:
+    """`run --once --json` (for cron users): every schedule's sweep now, one document."""
+    g = guests["cli-two"]
+    state = tmp_path / "state"
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        f"state_dir: {state}\nmetrics:\n  listen: 127.0.0.1:{free_port()}\n"
+        f"schedules:\n  - name: nightly\n    cron: '30 2 * * *'\n    window: 1h\n"
+        f"    domains: [{g.name}]\n",
+    )
+    before = {p: stat_allocated(p) for p in g.images}
+    proc = virt_trimd("run", "--once", "--json", "--config", str(cfg), timeout=120)
+    after = {p: stat_allocated(p) for p in g.images}
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    rec = record_of(doc, g.name)
+    assert [r["domain"] for r in doc["domains"]] == [g.name]  # the schedule's domains only
+    assert rec["result"] == "success" and rec["schedule"] == "nightly", rec
+    independent = sum(before[p] - after[p] for p in g.images)
+    assert abs(rec["reclaimed_bytes"] - independent) <= QCOW2_CLUSTER * len(g.images)
+    assert doc["reclaimed_bytes"] == rec["reclaimed_bytes"]
+    with History(state, readonly=True) as hist:
+        (stored,) = hist.query()
+    assert (stored.domain, stored.result.value, stored.schedule) == (g.name, "success", "nightly")
