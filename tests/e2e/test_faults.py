@@ -4,10 +4,10 @@ libvirtd dying under the daemon.
 
 Where the timing of a fault matters the sweep runs in-process (the real DomainTrimmer
 and run_sweep against real libvirt and guests) and the fault is injected at a boundary:
-inside the guest (tests/faults_agent.py swaps qemu-ga for a scriptable agent), through
+inside the guest (tests/support/faults_agent.py swaps qemu-ga for a scriptable agent), through
 libvirt (suspend, destroy, undefine) or in the filesystem under the Measurer. Everything
 else drives the real daemon subprocess. The libvirtd restart tests run against a private
-libvirtd (tests/faults_libvirtd.py) so other sessions' guests on qemu:///system are safe.
+libvirtd (tests/support/faults_libvirtd.py) so other sessions' guests on qemu:///system are safe.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from pathlib import Path
 import libvirt
 import pytest
 
-import faults_agent as fa
 import rig
 from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from e2e.helpers import booted_guests
-from faults_libvirtd import PrivateLibvirtd
 from rig import DiskSpec, GuestSpec
+from support import faults_agent as fa
 from support.cli import cli_env, virt_trimd
+from support.faults_libvirtd import PrivateLibvirtd
 from support.files import free_port, write_config
 from virt_trimd.engine.history import History
 from virt_trimd.engine.sweep import SweepPlan, run_sweep

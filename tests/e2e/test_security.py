@@ -40,10 +40,10 @@ import libvirt_qemu
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import faults_agent as fa
 import rig
 from e2e.daemon_proc import DaemonProc, sample, scrape, wait_for
 from rig import DiskSpec, GuestSpec
+from support import faults_agent as fa
 from support.cli import ROOT, virt_trimd
 from support.files import free_port, write_config, write_web_config
 from virt_trimd.config.model import Config
