@@ -115,7 +115,7 @@ def test_schedules_output_is_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyP
     cfg = tmp_path / "c.yaml"
     cfg.write_text("schedules:\n  - name: nightly\n    every: 1d\n")
     fake: Any = _FakeHypervisor
-    monkeypatch.setattr(cli, "Hypervisor", fake)
+    monkeypatch.setattr("virt_trimd.host.hypervisor.Hypervisor", fake)
     out = io.StringIO()
     assert cli.main(["schedules", "--config", str(cfg)], out=out) == 0
     _assert_clean(out.getvalue())

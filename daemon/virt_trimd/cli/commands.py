@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tzlocal import get_localzone
 
@@ -32,11 +32,13 @@ from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import parse_domain_xml
-from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import Measurer
 from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
-from virt_trimd.service.daemon import StartupError, run_daemon, run_once
+from virt_trimd.service import StartupError
 from virt_trimd.units import format_bytes, format_duration, parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from virt_trimd.host.hypervisor import Hypervisor
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.cli")
@@ -89,6 +91,14 @@ def _load(args: argparse.Namespace, required: bool = False) -> Config:
     return config
 
 
+def _hypervisor(uri: str) -> Hypervisor:
+    """A (not yet connected) libvirt adapter. Imported here, when a command needs libvirt,
+    so `--version`, `check-config`, `history` and the CLI's unit tests never load it."""
+    from virt_trimd.host.hypervisor import Hypervisor  # noqa: PLC0415
+
+    return Hypervisor(uri)
+
+
 # -- trim ---------------------------------------------------------------------------
 
 
@@ -135,7 +145,7 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
             minimum = parse_size(args.minimum)
         except ValueError as exc:
             raise UsageError(f"--minimum: {exc}") from exc
-    hv = Hypervisor(config.libvirt_uri)
+    hv = _hypervisor(config.libvirt_uri)
     try:
         hv.connect()
         domains = _resolve_domains(hv, args.domains, args.all)
@@ -227,10 +237,14 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     """`virt-trimd run`: the daemon, or with --once every schedule's sweep now."""
     path = args.config or DEFAULT_CONFIG_PATH
     if not args.once:
+        from virt_trimd.service.daemon import run_daemon  # noqa: PLC0415
+
         return run_daemon(path)
     config = load_config(path)
     if not config.schedules:
         raise UsageError(f"{path}: no schedules configured; nothing to run")
+    from virt_trimd.service.daemon import run_once  # noqa: PLC0415
+
     summary, daemon = run_once(config, path)
     if args.json:
         json.dump(summary_json(summary), out, indent=2)
@@ -250,7 +264,7 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
     tz = get_localzone()
     now = dt.datetime.now(tz)
     domains: list[DomainInfo] | None = None
-    hv = Hypervisor(config.libvirt_uri)
+    hv = _hypervisor(config.libvirt_uri)
     try:
         hv.connect()
         domains = [d for d in hv.list_domains() if d.running]
@@ -337,7 +351,7 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
         return _enable_discard(args, config, out)
     if args.dry_run:
         raise UsageError("--dry-run goes with --enable-discard")
-    hv = Hypervisor(config.libvirt_uri)
+    hv = _hypervisor(config.libvirt_uri)
     try:
         hv.connect()
         qemu = hv.qemu_version()
@@ -361,7 +375,7 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _enable_discard(args: argparse.Namespace, config: Config, out: TextIO) -> int:
-    hv = Hypervisor(config.libvirt_uri)
+    hv = _hypervisor(config.libvirt_uri)
     changed_any = False
     try:
         hv.connect()

@@ -52,6 +52,7 @@ from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer
 from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
+from virt_trimd.service import StartupError
 from virt_trimd.service.notify import Notifier
 from virt_trimd.units import format_bytes, format_duration
 
@@ -71,10 +72,6 @@ log = logging.getLogger("virt_trimd.service")
 LOOP_TICK_SECONDS = 1.0
 LIBVIRT_CHECK_SECONDS = 5.0
 MAX_RECONNECT_BACKOFF_SECONDS = 60.0
-
-
-class StartupError(Exception):
-    """The daemon cannot start (bad config, port taken); exit non-zero so systemd restarts."""
 
 
 @dataclass
