@@ -23,7 +23,7 @@ from rig import DiskSpec, GuestHandle, GuestSpec
 
 log = logging.getLogger(__name__)
 
-PREFIX = rig.TEST_PREFIX + "bench-"
+PREFIX = rig.session_prefix() + "bench-"
 GARBAGE_MIB = 128
 MEMORY_MIB = 160
 BOOT_BATCH = 4

@@ -26,6 +26,10 @@ except ImportError as _exc:
 
 _HERE = Path(__file__).resolve().parent
 
+# Guests of this run are named vtrimd-test-<pid>-NAME (see rig.session_prefix): another
+# run on the same libvirtd, someone else's or a benchmark, then never holds our names.
+os.environ.setdefault("VTRIMD_RIG_SESSION", f"{os.getpid()}-")
+
 if _IMPORT_ERROR is not None and os.environ.get("VTRIMD_SKIP_E2E") == "1":
     # Skipping was asked for explicitly: do not let e2e modules fail on their imports.
     collect_ignore_glob = ["test_*.py"]

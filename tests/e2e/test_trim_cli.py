@@ -305,7 +305,7 @@ def test_schedules_lists_fire_times_and_matching_domains(
     cfg.write_text(
         "schedules:\n"
         "  - name: sundays\n    cron: '0 3 * * 0'\n"
-        f"    domains: ['{rig.TEST_PREFIX}cli-*']\n    exclude: ['*-silent']\n"
+        f"    domains: ['{rig.session_prefix()}cli-*']\n    exclude: ['*-silent']\n"
     )
     proc = virt_trimd("schedules", "--config", str(cfg), "--count", "2")
     assert proc.returncode == 0, proc.stderr
@@ -314,7 +314,7 @@ def test_schedules_lists_fire_times_and_matching_domains(
     assert all(dt.datetime.fromisoformat(n).weekday() == 6 for n in nexts)  # Sunday
     (domains_line,) = [line for line in proc.stdout.splitlines() if "domains (" in line]
     for name in ("cli-scsi", "cli-two", "cli-noagent"):
-        assert rig.TEST_PREFIX + name in domains_line
+        assert rig.session_prefix() + name in domains_line
     assert "cli-silent" not in domains_line and "cli-off" not in domains_line  # excluded / off
 
 

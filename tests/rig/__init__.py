@@ -35,6 +35,7 @@ from rig.host import (
     ensure_virtlogd,
     quiet_libvirt_errors,
     require_tools,
+    session_prefix,
 )
 from rig.images import ImageFormat, allocated_bytes, make_disk_image
 from rig.initramfs import BootFiles, build_boot_files, guest_kernel_version
@@ -69,6 +70,7 @@ __all__ = [
     "make_disk_image",
     "quiet_libvirt_errors",
     "require_tools",
+    "session_prefix",
     "start_guest",
     "start_guests",
     "wait_for_agent",

@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape, quoteattr
 import libvirt
 import libvirt_qemu
 
-from rig.host import TEST_PREFIX, RigError, ensure_virtlogd
+from rig.host import TEST_PREFIX, RigError, ensure_virtlogd, session_prefix
 from rig.images import ImageFormat, make_disk_image
 from rig.initramfs import READY_MARKER, BootFiles
 
@@ -45,7 +45,7 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class GuestSpec:
-    """A rig guest. The domain is named TEST_PREFIX + name.
+    """A rig guest. The domain is named session_prefix() + name.
 
     agent: "running" starts qemu-ga; "channel_only" keeps the channel in the XML but boots
     with vtrimd.noagent so nobody opens it (libvirt: agent not connected); "stalled" has
@@ -60,7 +60,7 @@ class GuestSpec:
 
     @property
     def domain_name(self) -> str:
-        return TEST_PREFIX + self.name
+        return session_prefix() + self.name
 
 
 @dataclass

@@ -15,6 +15,18 @@ log = logging.getLogger(__name__)
 
 LIBVIRT_URI = "qemu:///system"
 TEST_PREFIX = "vtrimd-test-"
+
+
+def session_prefix() -> str:
+    """TEST_PREFIX plus this session's tag, $VTRIMD_RIG_SESSION (empty by default).
+
+    The e2e tier sets a tag per pytest run, so two runs on one libvirtd (two people, or
+    a benchmark beside the tests) never want the same domain: the rig refuses to take
+    over a guest a live process owns, and a shared name failed the later run's tests.
+    """
+    return TEST_PREFIX + os.environ.get("VTRIMD_RIG_SESSION", "")
+
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _LIBVIRT_SOCK = Path("/run/libvirt/libvirt-sock")
