@@ -149,10 +149,17 @@ class DebianHost:
             if time.monotonic() > deadline:
                 raise HostError(f"no container init after {timeout_s}s: {self.console_tail()}")
             time.sleep(0.1)
-        left = max(1.0, deadline - time.monotonic())
-        state = self.run(
-            "systemctl", "is-system-running", "--wait", check=False, timeout_s=left
-        ).stdout.strip()
+        state = ""
+        while not state:
+            # Empty until the container's systemd answers on its private bus.
+            left = max(1.0, deadline - time.monotonic())
+            state = self.run(
+                "systemctl", "is-system-running", "--wait", check=False, timeout_s=left
+            ).stdout.strip()
+            if not state and time.monotonic() > deadline:
+                break
+            if not state:
+                time.sleep(0.2)
         if state not in ("running", "degraded"):
             raise HostError(f"container systemd is {state!r}: {self.console_tail()}")
         if state == "degraded":
@@ -160,12 +167,19 @@ class DebianHost:
             log.warning("%s booted degraded: %s", self.name, failed.strip())
 
     def _find_leader(self) -> int:
+        """The container's PID 1 as the host sees it: nspawn's child, once it is systemd.
+
+        nspawn's first child is a helper that sets up namespaces before it forks the
+        init; entering that one too early gets a half-made container.
+        """
         assert self._nspawn is not None
+        own_ns = os.readlink("/proc/self/ns/pid")
         for children in Path(f"/proc/{self._nspawn.pid}/task").glob("*/children"):
             with contextlib.suppress(OSError):
-                pids = children.read_text().split()
-                if pids:
-                    return int(pids[0])
+                for pid in children.read_text().split():
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                    if comm == "systemd" and os.readlink(f"/proc/{pid}/ns/pid") != own_ns:
+                        return int(pid)
         return 0
 
     def console_tail(self, lines: int = 30) -> str:

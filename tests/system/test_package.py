@@ -45,6 +45,7 @@ class Lifecycle:
     guest: rig.GuestHandle
     port: int
     debs: Debs
+    hidden: rig.GuestHandle
     notes: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -89,7 +90,7 @@ class Lifecycle:
         return (
             f"  - name: {name}\n"
             f"    every: {every}\n"
-            f"    domains: [{self.guest.name}]\n"
+            f"    domains: [{self.guest.name}, {self.hidden.name}]\n"
             "    timeout: 2m\n"
             "    min_interval: 1h\n"
         )
@@ -104,18 +105,31 @@ def life(
     image_root: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Lifecycle]:
-    """A booted release with a rig guest holding 200 MiB of deleted garbage."""
+    """A booted release with rig guests holding 200 MiB of deleted garbage each.
+
+    The first guest's images are under /var/lib/libvirt/images, where the service sees
+    them. The second's are under /tmp, bind-mounted into the container at the same path,
+    so the container sees them but the service, with PrivateTmp=yes, does not.
+    """
     suite = str(request.param)
-    workdir = image_root / suite
     spec = rig.GuestSpec(f"sys-{suite}", disks=(rig.DiskSpec(fmt="qcow2", garbage_mib=200),))
-    rig.destroy_guest(libvirt_conn, spec.domain_name)
-    guest = rig.start_guests(libvirt_conn, [spec], workdir, rig_boot)[0]
+    hidden_spec = rig.GuestSpec(
+        f"sys-{suite}-tmp", disks=(rig.DiskSpec(fmt="qcow2", garbage_mib=100),)
+    )
+    hidden_dir = tmp_path_factory.mktemp(f"hidden-{suite}")
+    specs = (spec, hidden_spec)
+    for s in specs:
+        rig.destroy_guest(libvirt_conn, s.domain_name)
     try:
-        with booted(suite, tmp_path_factory.mktemp(f"host-{suite}"), binds=[image_root]) as host:
+        guest = rig.start_guests(libvirt_conn, [spec], image_root / suite, rig_boot)[0]
+        hidden = rig.start_guests(libvirt_conn, [hidden_spec], hidden_dir, rig_boot)[0]
+        binds = [image_root, hidden_dir]
+        with booted(suite, tmp_path_factory.mktemp(f"host-{suite}"), binds=binds) as host:
             add_libvirt_group(host)
-            yield Lifecycle(suite, host, guest, free_port(), debs)
+            yield Lifecycle(suite, host, guest, free_port(), debs, hidden)
     finally:
-        rig.destroy_guest(libvirt_conn, spec.domain_name)
+        for s in specs:
+            rig.destroy_guest(libvirt_conn, s.domain_name)
 
 
 def test_install_resolves_from_debian_and_starts(life: Lifecycle) -> None:
@@ -167,6 +181,30 @@ def test_scheduled_trim_matches_os_stat(life: Lifecycle) -> None:
     ]
     assert entries, host.journal_text(UNIT)[-3000:]
     assert abs(int(str(entries[-1]["RECLAIMED_BYTES"])) - delta) <= CLUSTER
+    # The guest whose image the sandbox hides: trimmed, but "not measured", never 0.
+    hidden_image = str(life.hidden.images[0])
+    host.run("stat", hidden_image)  # the container sees it; only the service does not
+    hidden = wait_until(
+        "the hidden guest's trim in the journal",
+        lambda: [
+            e for e in host.journal(UNIT) if e.get("DOMAIN") == life.hidden.name and e.get("RESULT")
+        ],
+        120,
+    )
+    assert isinstance(hidden, list)
+    assert "RECLAIMED_BYTES" not in hidden[-1], hidden[-1]
+    assert hidden_image in str(hidden[-1]["NOT_MEASURED"])
+    assert "reclaimed: not measured" in str(hidden[-1]["MESSAGE"])
+    scraped = life.scrape()
+    flagged = [
+        dict(labels)
+        for (name, labels), value in scraped.items()
+        if name == "virt_trimd_disk_not_measured" and value == 1
+    ]
+    assert [(f["domain"], f["path"]) for f in flagged] == [(life.hidden.name, hidden_image)]
+    assert "No such file or directory" in flagged[0]["reason"]
+    assert not [k for k in scraped if k[0] == "virt_trimd_reclaimed_bytes_total"
+                and ("domain", life.hidden.name) in k[1]]  # fmt: skip
     life.notes["last_success"] = life.metric(
         "virt_trimd_last_success_timestamp_seconds", domain=life.guest.name
     )
