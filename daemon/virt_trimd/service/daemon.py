@@ -25,8 +25,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
-from tzlocal import get_localzone
-
 from virt_trimd import __version__
 from virt_trimd.audit.checks import discard_ready
 from virt_trimd.config.model import (
@@ -37,7 +35,7 @@ from virt_trimd.config.model import (
     load_config,
 )
 from virt_trimd.engine.history import History, HistoryError
-from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offset
+from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone, spread_offset
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.sweep import (
     DomainLocks,
@@ -101,7 +99,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.hostname = hostname or socket.gethostname()
-        self.tz: dt.tzinfo = get_localzone()
+        self.tz: dt.tzinfo = local_timezone()
         self.state = State()
         self.hv = Hypervisor(config.libvirt_uri)
         self.measurer = Measurer(config.qemu_img)
