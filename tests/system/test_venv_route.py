@@ -17,6 +17,9 @@ import pytest
 from system.conftest import ROOT, add_libvirt_group
 from system.debhost import booted, wait_until
 
+# apt fetches from the mirror inside these tests: a slow mirror is not a hang.
+pytestmark = pytest.mark.timeout(900)
+
 UNIT = "virt-trimd.service"
 
 
