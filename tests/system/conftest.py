@@ -12,7 +12,6 @@ import grp
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -129,10 +128,3 @@ def add_libvirt_group(host: DebianHost) -> None:
     """
     gid = grp.getgrnam("libvirt").gr_gid
     host.sh(f"echo 'libvirt:x:{gid}:' >>/etc/group && echo 'libvirt:!::' >>/etc/gshadow")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (containers share the host's network)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

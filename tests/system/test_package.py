@@ -22,7 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import rig
-from system.conftest import README_SECURITY, Debs, add_libvirt_group, free_port
+from support.files import free_port
+from system.conftest import README_SECURITY, Debs, add_libvirt_group
 from system.debhost import DebianHost, booted, wait_until
 
 CLUSTER = 64 * 1024
@@ -100,7 +101,7 @@ class Lifecycle:
 
 
 @pytest.fixture(scope="module", params=["bookworm", "trixie"])
-def life(
+def life(  # noqa: PLR0913, PLR0917 - pytest injects fixtures by parameter name
     request: pytest.FixtureRequest,
     debs: Debs,
     libvirt_conn: libvirt.virConnect,

@@ -78,11 +78,11 @@ def representative_state() -> State:
         filesystems=(FilesystemResult("/", 2 * GIB, None),),
     )
     state.observe_trim(rec)
-    hidden = DiskRecord(
-        disk="sda", path="/tmp/db1.qcow2", format="qcow2", bus="scsi", discard="unmap",
+    hidden = disk_record(
+        "sda", None, None, path="/tmp/db1.qcow2",
         not_measured="cannot stat /tmp/db1.qcow2: No such file or directory",
     )  # fmt: skip
-    state.observe_trim(record(domain="db1", disks=(hidden,)))
+    state.observe_trim(trim_record(domain="db1", disks=(hidden,)))
     state.set_next_run("nightly", T0 + 86400)
     state.observe_sweep("nightly", SweepSummary((rec,)), T0 + 2)
     state.set_libvirt_up(True)

@@ -60,8 +60,8 @@ def test_unmeasured_disks_touch_no_counter_and_say_why() -> None:
 
 def test_a_measured_trim_clears_not_measured() -> None:
     state = State()
-    state.observe_trim(record(disks=(disk_record("vda", None, None, not_measured="gone"),)))
-    state.observe_trim(record(disks=(disk_record("vda", 2 * GIB, GIB),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", None, None, not_measured="gone"),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", 2 * GIB, GIB),)))
     [disk] = state.snapshot().disks
     assert (disk.allocated_bytes, disk.not_measured) == (GIB, None)
 
