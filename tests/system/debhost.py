@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -281,6 +282,48 @@ class DebianHost:
         if os.path.ismount(self.fs):
             subprocess.run(["umount", "--lazy", str(self.fs)], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+DEFAULT_METRICS_PORT = 9742
+_PORT_LOCK = Path("/run/lock/virt-trimd-test-port-9742.lock")
+
+
+@contextlib.contextmanager
+def default_port(timeout_s: float = 600) -> Iterator[None]:
+    """Hold the host's 127.0.0.1:9742 for one container at a time.
+
+    The package starts its service on install with the shipped config, which listens on
+    127.0.0.1:9742, and containers share the host's network: two at once (two releases,
+    two fleet hosts, two test sessions) would collide and one service would crash-loop.
+    Callers hold this from `apt install` until their config moves the daemon elsewhere.
+    """
+    _PORT_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(_PORT_LOCK, "w") as lock:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HostError(f"{_PORT_LOCK} held for {timeout_s:g}s") from None
+                time.sleep(0.5)
+        wait_until(
+            f"127.0.0.1:{DEFAULT_METRICS_PORT} to be free on the host",
+            lambda: _port_free(DEFAULT_METRICS_PORT),
+            60,
+        )
+        yield
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_until(what: str, predicate: object, timeout_s: float, interval_s: float = 0.5) -> object:

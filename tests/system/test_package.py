@@ -10,6 +10,7 @@ journal, an HTTP scrape from the host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import rig
 from support.files import free_port
 from system.conftest import README_SECURITY, Debs, add_libvirt_group
-from system.debhost import DebianHost, booted, wait_until
+from system.debhost import DebianHost, booted, default_port, wait_until
 
 CLUSTER = 64 * 1024
 # apt fetches from the mirror inside these tests: a slow mirror is not a hang.
@@ -51,6 +52,8 @@ class Lifecycle:
     debs: Debs
     hidden: rig.GuestHandle
     notes: dict[str, object] = field(default_factory=dict)
+    # Holds 127.0.0.1:9742 from install until the daemon is moved to `port`.
+    port_lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def image(self) -> Path:
@@ -130,7 +133,9 @@ def life(  # noqa: PLR0913, PLR0917 - pytest injects fixtures by parameter name
         binds = [image_root, hidden_dir]
         with booted(suite, tmp_path_factory.mktemp(f"host-{suite}"), binds=binds) as host:
             add_libvirt_group(host)
-            yield Lifecycle(suite, host, guest, free_port(), debs, hidden)
+            life = Lifecycle(suite, host, guest, free_port(), debs, hidden)
+            with life.port_lock:
+                yield life
     finally:
         for s in specs:
             rig.destroy_guest(libvirt_conn, s.domain_name)
@@ -141,6 +146,7 @@ def test_install_resolves_from_debian_and_starts(life: Lifecycle) -> None:
     host = life.host
     deb = host.copy_in(life.debs.current)
     host.run("apt-get", "update", "-qq", timeout_s=300)
+    life.port_lock.enter_context(default_port())
     host.run("apt-get", "install", "-y", "-q", deb, timeout_s=900)
     assert host.run("virt-trimd", "--version").stdout.strip() == f"virt-trimd {life.debs.version}"
     man = host.run("man", "-P", "cat", "virt-trimd").stdout
@@ -172,6 +178,8 @@ def test_scheduled_trim_matches_os_stat(life: Lifecycle) -> None:
     host.write(CONFIG, life.config(life.schedule("systest")))
     # A new metrics.listen takes effect at restart (a reload says so and keeps the old one).
     host.run("systemctl", "restart", UNIT)
+    host.wait_active(UNIT)
+    life.port_lock.close()  # off 127.0.0.1:9742 now
     key = {"domain": life.guest.name, "disk": "sda"}
 
     def reclaimed() -> float | None:

@@ -7,6 +7,7 @@ download from PyPI fail: the libraries come from the distribution's packages.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import urllib.request
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from system.conftest import ROOT, add_libvirt_group
-from system.debhost import booted, wait_until
+from system.debhost import booted, default_port, wait_until
 
 # apt fetches from the mirror inside these tests: a slow mirror is not a hang.
 pytestmark = pytest.mark.timeout(900)
@@ -56,10 +57,14 @@ def copy_tree(dest: Path) -> None:
 def test_venv_route_from_readme(rig_boot: object, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The venv under /opt/virt-trimd plus the unit drop-in runs the service."""
     script = readme_block("venv-route")
-    with booted("bookworm", tmp_path_factory.mktemp("host-venv")) as host:
+    with (
+        contextlib.ExitStack() as stack,
+        booted("bookworm", tmp_path_factory.mktemp("host-venv")) as host,
+    ):
         add_libvirt_group(host)
         copy_tree(host.fs / "root" / "virt-trimd")
         host.run("apt-get", "update", "-qq", timeout_s=300)
+        stack.enter_context(default_port())  # the shipped config's 127.0.0.1:9742
         host.run(
             "sh", "-ec", f"cd /root/virt-trimd\nexport PIP_NO_INDEX=1\n{script}", timeout_s=900
         )
