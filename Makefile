@@ -2,13 +2,15 @@
 PYTHON ?= python3
 export PYTHONPATH := $(CURDIR)/daemon:$(CURDIR)/tests
 
-.PHONY: help install deps lint test test-fast test-e2e demo bench bench-smoke example-config clean
+.PHONY: help install deps deb lint test test-fast test-e2e test-system demo bench bench-smoke example-config clean
 
 help:
 	@echo "make demo        install what is missing, boot a throwaway guest, trim it, show metrics"
 	@echo "make test        ruff, mypy and the whole pytest suite (end-to-end included)"
 	@echo "make test-fast   unit and integration tiers only (no guests)"
 	@echo "make bench       benchmarks on the real rig (slow); bench-smoke for a quick pass"
+	@echo "make deb         build dist/virt-trimd_<version>_all.deb (dpkg-buildpackage, lintian)"
+	@echo "make test-system the system tier alone: booted Debian 12 and 13, the real .deb"
 	@echo "make install     pip install the package (console script virt-trimd)"
 
 deps:
@@ -16,6 +18,9 @@ deps:
 
 install:
 	$(PYTHON) -m pip install .
+
+deb:
+	bash .ci/build-deb.sh
 
 lint:
 	ruff check daemon tests
@@ -30,6 +35,9 @@ test-fast: lint
 
 test-e2e: deps
 	$(PYTHON) -m pytest tests/e2e -v
+
+test-system: deps
+	$(PYTHON) -m pytest tests/system -v -p no:cacheprovider
 
 demo: deps
 	$(PYTHON) tests/demo.py

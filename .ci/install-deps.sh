@@ -12,6 +12,8 @@ PACKAGES=(
     libsystemd-dev pkg-config gcc busybox-static linux-image-amd64 qemu-guest-agent
     e2fsprogs cpio prometheus time
     curl openssl systemd util-linux
+    mmdebstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject
+    python3-argparse-manpage lintian
 )
 
 log() { echo "install-deps: $*"; }
@@ -61,9 +63,22 @@ if ! virtlogd_answers; then
     done
     virtlogd_answers || { echo "install-deps: virtlogd does not answer; see /var/log/libvirt/virtlogd.log" >&2; exit 1; }
 fi
+# The rig's libvirtd lets group libvirt use the read-write socket (as polkit does on a
+# real Debian host; see tests/rig/libvirtd.conf). One started without that file is
+# restarted with it: running guests survive a libvirtd restart.
+LIBVIRTD_CONF="$ROOT/tests/rig/libvirtd.conf"
+if virsh -c qemu:///system version >/dev/null 2>&1 &&
+    [[ "$(stat -c %G:%a /run/libvirt/libvirt-sock 2>/dev/null)" != "libvirt:770" ]]; then
+    log "restarting libvirtd with $LIBVIRTD_CONF (group libvirt on the read-write socket)"
+    pkill -TERM -x libvirtd || true
+    for _ in $(seq 60); do
+        pgrep -x libvirtd >/dev/null || break
+        sleep 0.5
+    done
+fi
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
     log "starting libvirtd"
-    libvirtd -d || true
+    libvirtd -d -f "$LIBVIRTD_CONF" || true
     for _ in $(seq 60); do
         virsh -c qemu:///system version >/dev/null 2>&1 && break
         sleep 0.5

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "virt-trimd.service"
 SCHEMA = ROOT / "daemon" / "virt_trimd" / "config" / "config_schema.json"
-INSTALLED_BINARY = "/usr/local/bin/virt-trimd"
+INSTALLED_BINARY = "/usr/bin/virt-trimd"
 MAX_EXPOSURE = 2.5
 
 # systemd-analyze comes from the package systemd, which .ci/install-deps.sh installs:
@@ -42,7 +42,7 @@ def _verifiable_copy(tmp_path: Path, text: str) -> Path:
     """The unit as text, runnable by verify on a machine without the installed script.
 
     verify checks that ExecStart= binaries exist; when virt-trimd is not installed
-    (pip puts it in /usr/local/bin) the path is pointed at an executable stub. Nothing
+    (the .deb puts it in /usr/bin) the path is pointed at an executable stub. Nothing
     else of the unit changes.
     """
     if not os.access(INSTALLED_BINARY, os.X_OK):
@@ -121,7 +121,8 @@ def test_lifecycle_settings() -> None:
     assert settings["WatchdogSec"] == ["60s"]
     reload = settings["ExecReload"]
     assert reload[0].startswith(INSTALLED_BINARY + " check-config")
-    assert reload[1] == "/bin/kill -HUP $MAINPID"
+    # The shell's builtin: /bin/kill is procps, absent from a minimal Debian 13.
+    assert reload[1] == """/bin/sh -c 'kill -HUP "$MAINPID"'"""
     # The stop timeout must outlast the daemon's own drain of running trims.
     schema = json.loads(SCHEMA.read_text())
     grace = schema["properties"]["shutdown_grace"]["default"]
@@ -131,5 +132,7 @@ def test_lifecycle_settings() -> None:
 def test_only_dac_read_search_is_kept() -> None:
     settings = _settings()
     assert settings["CapabilityBoundingSet"] == ["CAP_DAC_READ_SEARCH"]
-    assert settings["AmbientCapabilities"] == [""]
+    assert settings["AmbientCapabilities"] == ["CAP_DAC_READ_SEARCH"]
+    assert settings["User"] == ["virt-trimd"]
+    assert settings["SupplementaryGroups"] == ["libvirt"]
     assert settings["NoNewPrivileges"] == ["yes"]

@@ -110,6 +110,11 @@ def libvirtd_answers(uri: str = LIBVIRT_URI) -> bool:
         conn.close()
 
 
+# Group libvirt may use the read-write socket, as polkit allows on a real Debian host;
+# the system tier's service (user virt-trimd, group libvirt) connects through it.
+LIBVIRTD_CONF = Path(__file__).resolve().parent / "libvirtd.conf"
+
+
 def ensure_virtlogd(timeout_s: float = 30) -> None:
     """Start virtlogd unless its socket accepts connections; wait until it does.
 
@@ -147,7 +152,7 @@ def ensure_libvirtd(timeout_s: float = 30, uri: str = LIBVIRT_URI) -> None:
     require_tools("libvirtd")
     if not _socket_answers(_LIBVIRT_SOCK):
         log.info("starting libvirtd")
-        run(["libvirtd", "-d"], timeout_s=30)
+        run(["libvirtd", "-d", "-f", str(LIBVIRTD_CONF)], timeout_s=30)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if libvirtd_answers(uri):

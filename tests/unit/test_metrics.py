@@ -33,6 +33,7 @@ CONTRACT_SAMPLE_NAMES = {
     "virt_trimd_disk_discard_ready",
     "virt_trimd_disk_trim_effective",
     "virt_trimd_disk_reclaimable_bytes",
+    "virt_trimd_disk_not_measured",
     "virt_trimd_next_run_timestamp_seconds",
     "virt_trimd_last_sweep_timestamp_seconds",
     "virt_trimd_sweep_reclaimed_bytes",
@@ -77,6 +78,11 @@ def representative_state() -> State:
         filesystems=(FilesystemResult("/", 2 * GIB, None),),
     )
     state.observe_trim(rec)
+    hidden = disk_record(
+        "sda", None, None, path="/tmp/db1.qcow2",
+        not_measured="cannot stat /tmp/db1.qcow2: No such file or directory",
+    )  # fmt: skip
+    state.observe_trim(trim_record(domain="db1", disks=(hidden,)))
     state.set_next_run("nightly", T0 + 86400)
     state.observe_sweep("nightly", SweepSummary((rec,)), T0 + 2)
     state.set_libvirt_up(True)
@@ -310,3 +316,17 @@ def test_registering_twice_is_refused_as_duplicate_names() -> None:
     registry.register(TrimdCollector(State(), "1"))
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         registry.register(TrimdCollector(State(), "1"))
+
+
+def test_unmeasured_disk_is_exported_with_its_reason_and_no_allocation() -> None:
+    registry = scrape(representative_state())
+    labels = {
+        "domain": "db1",
+        "disk": "sda",
+        "path": "/tmp/db1.qcow2",
+        "reason": "cannot stat /tmp/db1.qcow2: No such file or directory",
+    }
+    assert registry.get_sample_value("virt_trimd_disk_not_measured", labels) == 1
+    key = {"domain": "db1", "disk": "sda"}
+    assert registry.get_sample_value("virt_trimd_disk_allocated_bytes", key) is None
+    assert registry.get_sample_value("virt_trimd_reclaimed_bytes_total", key) is None

@@ -95,3 +95,19 @@ def test_catch_up_interval() -> None:
 
 def test_default_config_has_no_schedules() -> None:
     assert Config.default().schedules == ()
+
+
+def test_local_timezone_fires_without_warnings() -> None:
+    # Debian 12's tzlocal 4 + APScheduler 3.9 printed a PytzUsageWarning at every fire.
+    import warnings
+
+    from virt_trimd.engine.schedule import local_timezone
+
+    tz = local_timezone()
+    sched = _sched()
+    now = dt.datetime.now(tz)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fire = build_trigger(sched, tz).get_next_fire_time(None, now)
+    assert fire is not None and fire > now
+    assert (fire.hour, fire.minute) == (2, 30)

@@ -46,14 +46,24 @@ def test_negative_first_reclaim_creates_series_at_zero() -> None:
     assert state.snapshot().reclaimed_bytes_total == {("web1", "vda"): 0}
 
 
-def test_unmeasured_disks_touch_no_counter_or_gauge() -> None:
+def test_unmeasured_disks_touch_no_counter_and_say_why() -> None:
     state = State()
     state.observe_trim(
         trim_record(disks=(disk_record("sdb", None, None, not_measured="network disk"),))
     )
     snap = state.snapshot()
     assert snap.reclaimed_bytes_total == {}
-    assert snap.disks == ()
+    assert [(d.disk, d.allocated_bytes, d.not_measured) for d in snap.disks] == [
+        ("sdb", None, "network disk")
+    ]
+
+
+def test_a_measured_trim_clears_not_measured() -> None:
+    state = State()
+    state.observe_trim(trim_record(disks=(disk_record("vda", None, None, not_measured="gone"),)))
+    state.observe_trim(trim_record(disks=(disk_record("vda", 2 * GIB, GIB),)))
+    [disk] = state.snapshot().disks
+    assert (disk.allocated_bytes, disk.not_measured) == (GIB, None)
 
 
 def test_guest_trimmed_per_mountpoint_skips_unknown_sizes() -> None:

@@ -1,10 +1,15 @@
-"""Pure trim maths: effectiveness thresholds and guest-used attribution."""
+"""Pure trim logic: effectiveness thresholds, guest-used attribution, the journal line."""
 
 from __future__ import annotations
 
-from virt_trimd.engine.trim import apply_effectiveness, guest_used_by_disk
+import logging
+from dataclasses import replace
+
+import pytest
+
+from virt_trimd.engine.trim import _log_record, apply_effectiveness, guest_used_by_disk
 from virt_trimd.host.agent import GuestFilesystem
-from virt_trimd.records import DiskRecord
+from virt_trimd.records import DiskRecord, Result, TrimRecord
 
 MiB = 1 << 20
 
@@ -53,3 +58,54 @@ def test_guest_used_sums_partitions_and_drops_spanning_filesystems() -> None:
         GuestFilesystem("/unknown", "ext4", ("vdd",), None, None),
     ]
     assert guest_used_by_disk(fss) == {"sda": 120}
+
+
+def _record(*disks: DiskRecord) -> TrimRecord:
+    return TrimRecord(
+        domain="web1",
+        uuid="u",
+        result=Result.SUCCESS,
+        message="1 filesystem(s) trimmed",
+        started_at="2024-05-01T02:00:00+00:00",
+        duration_seconds=1.0,
+        disks=disks,
+    )
+
+
+def test_unseen_image_is_logged_as_not_measured_never_as_zero(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # PrivateTmp hides /tmp from the service: the stat fails, the trim itself works.
+    hidden = DiskRecord(
+        disk="sda",
+        path="/tmp/guest.qcow2",
+        format="qcow2",
+        bus="scsi",
+        discard="unmap",
+        not_measured="cannot stat /tmp/guest.qcow2: No such file or directory",
+    )
+    with caplog.at_level(logging.INFO, logger="virt_trimd"):
+        _log_record(_record(hidden))
+    [rec] = caplog.records
+    line = rec.getMessage()
+    assert "reclaimed: not measured" in line
+    assert "reclaimed 0" not in line
+    assert "sda (/tmp/guest.qcow2): cannot stat /tmp/guest.qcow2" in line
+    assert not hasattr(rec, "RECLAIMED_BYTES")
+    assert "/tmp/guest.qcow2" in rec.__dict__["NOT_MEASURED"]
+
+
+def test_partly_measured_domain_logs_bytes_and_the_unmeasured_disk(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen = replace(_disk(5 * MiB), allocated_before=9 * MiB, reclaimed_bytes=4 * MiB)
+    hidden = DiskRecord(
+        disk="sdb", path="/dev/vg/x", format="raw", bus="scsi", discard="unmap",
+        not_measured="block disk: only image files are measured",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="virt_trimd"):
+        _log_record(_record(seen, hidden))
+    [rec] = caplog.records
+    assert f"reclaimed {4 * MiB} bytes" in rec.getMessage()
+    assert rec.__dict__["RECLAIMED_BYTES"] == 4 * MiB
+    assert "not measured: sdb (/dev/vg/x): block disk" in rec.getMessage()

@@ -18,15 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tzlocal import get_localzone
-
 from virt_trimd import __version__
 from virt_trimd.audit.checks import audit_domain
 from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, unified_diff
 from virt_trimd.audit.report import audit_to_json, format_audit_table
 from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
-from virt_trimd.engine.schedule import fire_times
+from virt_trimd.engine.schedule import fire_times, local_timezone
 from virt_trimd.engine.sweep import SweepPlan, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
@@ -261,7 +259,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
     """`virt-trimd schedules`: next fire times and the running domains each matches."""
     config = _load(args, required=True)
-    tz = get_localzone()
+    tz = local_timezone()
     now = dt.datetime.now(tz)
     domains: list[DomainInfo] | None = None
     hv = _hypervisor(config.libvirt_uri)

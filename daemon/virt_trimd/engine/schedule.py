@@ -17,6 +17,30 @@ from virt_trimd.config.cron import make_cron_trigger
 from virt_trimd.config.model import ScheduleConfig
 
 
+def local_timezone() -> dt.tzinfo:
+    """The host's time zone, as the installed APScheduler wants it.
+
+    tzlocal 4 (Debian 12) returns a pytz-deprecation shim whose localize() APScheduler
+    3.9 (Debian 12) calls at every fire, printing a PytzUsageWarning into the journal;
+    APScheduler before 3.10 wants real pytz zones, later ones take zoneinfo.
+    """
+    from importlib.metadata import version  # noqa: PLC0415
+
+    from tzlocal import get_localzone, get_localzone_name  # noqa: PLC0415
+
+    name = get_localzone_name()
+    major_minor = tuple(int(p) for p in version("APScheduler").split(".")[:2])
+    if name is None:
+        return get_localzone()
+    if major_minor < (3, 10):
+        import pytz  # type: ignore[import-untyped,unused-ignore]  # noqa: PLC0415
+
+        return pytz.timezone(name)  # type: ignore[no-any-return,unused-ignore]
+    from zoneinfo import ZoneInfo  # noqa: PLC0415
+
+    return ZoneInfo(name)
+
+
 def build_trigger(sched: ScheduleConfig, tz: dt.tzinfo) -> BaseTrigger:
     """The APScheduler trigger for a schedule (cron in host local time, or interval)."""
     if sched.cron is not None:

@@ -65,6 +65,8 @@ class DiskState:
     discard_ready: bool | None = None
     effective: bool | None = None
     reclaimable_bytes: int | None = None
+    # Why allocated_bytes is unknown (the image cannot be stat'ed, not a file, ...).
+    not_measured: str | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,24 @@ class State:
                 self._last_success[domain] = max(finished, self._last_success.get(domain, finished))
 
     def _apply_disk_record(self, domain: str, disk: DiskRecord) -> None:
-        if disk.not_measured is not None or disk.allocated_after is None:
+        if disk.not_measured is not None:
+            disks = self._disks.setdefault(domain, {})
+            old = disks.get(disk.disk)
+            disks[disk.disk] = DiskState(
+                domain=domain,
+                disk=disk.disk,
+                path=disk.path,
+                format=disk.format,
+                bus=disk.bus,
+                discard=disk.discard,
+                allocated_bytes=None,
+                virtual_bytes=None,
+                file_bytes=None,
+                discard_ready=old.discard_ready if old else None,
+                not_measured=disk.not_measured,
+            )
+            return
+        if disk.allocated_after is None:
             return
         if disk.reclaimed_bytes is not None:
             key = (domain, disk.disk)

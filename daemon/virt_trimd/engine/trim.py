@@ -117,8 +117,7 @@ class DomainTrimmer:
                 discard=disk.discard,
             )
             if not disk.is_file:
-                kind = disk.source_type or "unknown"
-                rec = replace(rec, not_measured=f"{kind} disk: only image files are measured")
+                rec = replace(rec, not_measured=unmeasurable_reason(disk))
             else:
                 assert disk.source_path is not None
                 try:
@@ -262,10 +261,15 @@ class DomainTrimmer:
         result = Result.PARTIAL if failed else Result.SUCCESS
         reclaimed = sum(d.reclaimed_bytes or 0 for d in after)
         guest = sum(f.trimmed_bytes or 0 for f in filesystems)
-        message = (
-            f"{len(filesystems)} filesystem(s) trimmed, guest reported {guest} bytes, "
+        host_part = (
             f"host reclaimed {reclaimed} bytes"
+            if any(d.reclaimed_bytes is not None for d in after) or not after
+            else "host reclaimed: not measured"
         )
+        message = (
+            f"{len(filesystems)} filesystem(s) trimmed, guest reported {guest} bytes, {host_part}"
+        )
+
         if failed:
             message += "; failed: " + ", ".join(f"{f.mountpoint}: {f.error}" for f in failed[:5])
         return finish(result, message, after, filesystems)
@@ -334,23 +338,44 @@ def apply_effectiveness(
     )
 
 
+def unmeasurable_reason(disk: Disk) -> str:
+    """Why a disk that is not an image file has no allocation figure."""
+    return f"{disk.source_type or 'unknown'} disk: only image files are measured"
+
+
+def not_measured_text(disks: Sequence[DiskRecord]) -> str:
+    """`sdb (/path): reason, ...` for the disks whose reclaim could not be measured."""
+    return ", ".join(
+        f"{d.disk} ({d.path or '-'}): {d.not_measured}" for d in disks if d.not_measured
+    )
+
+
 def _log_record(record: TrimRecord) -> None:
     level = logging.INFO
     if record.result.needs_attention:
         level = logging.WARNING
+    unmeasured = not_measured_text(record.disks)
+    fields: dict[str, object] = {"DOMAIN": record.domain, "RESULT": record.result.value}
+    # An image the daemon cannot see (a sandbox hiding its directory, a vanished file)
+    # is "not measured", never a reclaim of 0: a 0 would read as "trim had no effect".
+    if unmeasured and not any(d.reclaimed_bytes is not None for d in record.disks):
+        reclaimed = "reclaimed: not measured"
+    else:
+        reclaimed = f"reclaimed {record.reclaimed_bytes} bytes"
+        fields["RECLAIMED_BYTES"] = record.reclaimed_bytes
+    message = record.message
+    if unmeasured:
+        fields["NOT_MEASURED"] = unmeasured
+        message += f"; not measured: {unmeasured}"
     log.log(
         level,
-        "%s: %s, reclaimed %d bytes in %.1fs: %s",
+        "%s: %s, %s in %.1fs: %s",
         record.domain,
         record.result.value,
-        record.reclaimed_bytes,
+        reclaimed,
         record.duration_seconds,
-        record.message,
-        extra={
-            "DOMAIN": record.domain,
-            "RESULT": record.result.value,
-            "RECLAIMED_BYTES": record.reclaimed_bytes,
-        },
+        message,
+        extra=fields,
     )
     for disk in record.disks:
         if disk.reclaimed_bytes is not None:

@@ -25,8 +25,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
-from tzlocal import get_localzone
-
 from virt_trimd import __version__
 from virt_trimd.audit.checks import discard_ready
 from virt_trimd.config.model import (
@@ -37,7 +35,7 @@ from virt_trimd.config.model import (
     load_config,
 )
 from virt_trimd.engine.history import History, HistoryError
-from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offset
+from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone, spread_offset
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.sweep import (
     DomainLocks,
@@ -46,7 +44,12 @@ from virt_trimd.engine.sweep import (
     run_sweep,
     select_domains,
 )
-from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_disk
+from virt_trimd.engine.trim import (
+    DomainTrimmer,
+    TrimOptions,
+    guest_used_by_disk,
+    unmeasurable_reason,
+)
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
@@ -96,7 +99,7 @@ class Daemon:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.hostname = hostname or socket.gethostname()
-        self.tz: dt.tzinfo = get_localzone()
+        self.tz: dt.tzinfo = local_timezone()
         self.state = State()
         self.hv = Hypervisor(config.libvirt_uri)
         self.measurer = Measurer(config.qemu_img)
@@ -115,6 +118,9 @@ class Daemon:
         self._last_summary: str = "no sweep yet"
         self._next_libvirt_check = 0.0
         self._census_installed = False
+        # (domain, disk) -> reason last warned about, so a census every 5 minutes
+        # warns once per cause instead of flooding the journal.
+        self._unmeasured_warned: dict[tuple[str, str], str] = {}
         self._reconnect_backoff = 1.0
         # The signal wakeup socket pair (install_signal_handlers); the loop reads _wakeup.
         self._wakeup: socket.socket | None = None
@@ -375,6 +381,18 @@ class Daemon:
             self.last_duration[rec.uuid] = rec.duration_seconds
         self.state.observe_trim(rec)
 
+    def _warn_not_measured(self, domain: str, disk: str, reason: str) -> None:
+        if self._unmeasured_warned.get((domain, disk)) == reason:
+            return
+        self._unmeasured_warned[(domain, disk)] = reason
+        log.warning(
+            "%s/%s: allocation not measured: %s",
+            domain,
+            disk,
+            reason,
+            extra={"DOMAIN": domain, "DISK": disk, "NOT_MEASURED": reason},
+        )
+
     def census(
         self,
         only: Collection[str] | None = None,
@@ -407,12 +425,16 @@ class Daemon:
             disks: list[DiskState] = []
             for disk in trimmable_disks(dom.disks):
                 alloc = None
+                reason: str | None = None
                 if disk.is_file and disk.source_path:
                     paths.add(disk.source_path)
                     try:
                         alloc = self.measurer.allocation(disk.source_path, disk.driver_format)
                     except MeasureError as exc:
-                        log.debug("%s/%s: %s", dom.name, disk.target, exc)
+                        reason = str(exc)
+                        self._warn_not_measured(dom.name, disk.target, reason)
+                else:
+                    reason = unmeasurable_reason(disk)
                 allocated = alloc.allocated_bytes if alloc else None
                 guest_used = used.get(disk.target)
                 disks.append(
@@ -432,6 +454,7 @@ class Daemon:
                             if allocated is not None and guest_used is not None
                             else None
                         ),
+                        not_measured=reason,
                     )
                 )
             self.state.observe_census(dom.name, disks)

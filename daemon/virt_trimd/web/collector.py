@@ -171,8 +171,15 @@ class TrimdCollector(Collector):
             "Host bytes the image holds beyond what the guest uses.",
             labels=labels,
         )
+        not_measured = GaugeMetricFamily(
+            PREFIX + "disk_not_measured",
+            "1 while the disk's allocation cannot be measured on the host; reason says why.",
+            labels=["domain", "disk", "path", "reason"],
+        )
         for d in snap.disks:
             key = [d.domain, d.disk]
+            if d.not_measured is not None:
+                not_measured.add_metric([d.domain, d.disk, d.path or "", d.not_measured[:200]], 1)
             info.add_metric(
                 [
                     d.domain,
@@ -197,6 +204,7 @@ class TrimdCollector(Collector):
             if d.reclaimable_bytes is not None:
                 reclaimable.add_metric(key, d.reclaimable_bytes)
         yield from (allocated, virtual, file_bytes, info, ready, effective, reclaimable)
+        yield not_measured
 
     def _daemon_families(self, snap: StateSnapshot) -> Iterator[Metric]:
         yield _gauge_by(
