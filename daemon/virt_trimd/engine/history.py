@@ -349,9 +349,7 @@ class History:
             what=f"sweep of schedule {schedule!r}",
         )
 
-    def _write(
-        self, sql: str, params: tuple[Any, ...] | dict[str, Any], *, what: str
-    ) -> int:
+    def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any], *, what: str) -> int:
         """Run one writing statement (one transaction); return the rows it changed."""
         with self._lock:
             conn = self._connection()
