@@ -339,6 +339,37 @@ def format_history_table(records: Sequence[TrimRecord]) -> str:
     return "".join(line + "\n" for line in render_table(header, rows))
 
 
+# -- status ----------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd status`: the operator's view, read from the history only (read-only)."""
+    import socket  # noqa: PLC0415
+
+    from virt_trimd.cli.statusview import format_status  # noqa: PLC0415
+    from virt_trimd.engine.status import (  # noqa: PLC0415
+        build_status,
+        schedule_next_runs,
+        status_to_json,
+    )
+
+    # The packaged config when there is one: its schedules give the next runs.
+    explicit = args.config is not None or DEFAULT_CONFIG_PATH.is_file()
+    config = _load(args, required=explicit)
+    state_dir = args.state_dir or config.state_dir
+    tz = get_localzone()
+    now = time.time()
+    with History(state_dir, readonly=True) as hist:
+        next_runs = schedule_next_runs(hist, config.schedules, tz, now)
+        report = build_status(hist, config, now, hostname=socket.gethostname(), next_runs=next_runs)
+    if args.json:
+        json.dump(status_to_json(report), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_status(report, tz))
+    return EXIT_FAILED if report.needs_attention or report.stale else EXIT_OK
+
+
 # -- audit -----------------------------------------------------------------------
 
 
@@ -483,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N rows (newest)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("status", help="what was reclaimed, what grows, what needs attention")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="override state_dir")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("audit", help="can discards reach the host? what to change")
     p.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every domain")

@@ -670,6 +670,21 @@ class History:
             for dom, disk, t, alloc, virt, recl in rows
         }
 
+    def census_first_after(self, ts: float) -> dict[tuple[str, str], CensusPoint]:
+        """(domain, disk) -> its earliest sample at or after `ts` (a disk younger than a window)."""
+        if not self._has_census():
+            return {}
+        rows = self._read(
+            "SELECT k.domain, k.disk, MIN(c.ts), c.allocated_bytes, c.virtual_bytes,"
+            " c.reclaimable_bytes FROM census c JOIN census_disks k ON k.id = c.disk_id"
+            " WHERE c.ts >= ? GROUP BY c.disk_id",
+            (int(ts),),
+        )
+        return {
+            (str(dom), str(disk)): CensusPoint(float(t), alloc, virt, recl)
+            for dom, disk, t, alloc, virt, recl in rows
+        }
+
     def reclaim_rows(self, since_ts: float) -> list[tuple[str, float, int]]:
         """(domain, started_ts, reclaimed_bytes) of every real trim started at/after `since_ts`."""
         rows = self._read(
