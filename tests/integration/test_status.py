@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,8 +159,6 @@ def test_status_never_writes(tmp_path: Path) -> None:
 
 
 def test_status_on_a_v1_file_shows_its_trims(tmp_path: Path) -> None:
-    import shutil  # noqa: PLC0415
-
     state = tmp_path / "state"
     state.mkdir()
     shutil.copy(Path(__file__).parent / "data" / "history-v1.sqlite3", state / DB_FILENAME)
