@@ -7,91 +7,12 @@ import io
 import json
 import shutil
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from support.status import GIB, populate_history, status_config
 from virt_trimd.cli.commands import main
-from virt_trimd.engine.history import DB_FILENAME, CensusDomain, History
-from virt_trimd.engine.state import DiskState
-from virt_trimd.records import DiskRecord, Result, TrimRecord
-
-DAY = 86_400
-GIB = 1 << 30
-
-
-def disk(domain: str, allocated: int, reclaimable: int | None, ready: bool = True) -> DiskState:
-    return DiskState(
-        domain=domain,
-        disk="vda",
-        path=f"/img/{domain}.qcow2",
-        format="qcow2",
-        bus="virtio",
-        discard="unmap" if ready else None,
-        allocated_bytes=allocated,
-        virtual_bytes=20 * GIB,
-        file_bytes=allocated,
-        discard_ready=ready,
-        reclaimable_bytes=reclaimable,
-    )
-
-
-def trim(domain: str, ts: float, reclaimed: int, result: Result = Result.SUCCESS) -> TrimRecord:
-    return TrimRecord(
-        domain=domain,
-        uuid=f"uuid-{domain}",
-        result=result,
-        message="trimmed 1 filesystem(s)" if result is Result.SUCCESS else "agent <b>gone</b>",
-        started_at=datetime.fromtimestamp(ts, UTC).isoformat(),
-        duration_seconds=1.0,
-        disks=(
-            DiskRecord(
-                disk="vda",
-                path=f"/img/{domain}.qcow2",
-                format="qcow2",
-                bus="virtio",
-                discard="unmap",
-                allocated_before=5 * GIB + reclaimed,
-                allocated_after=5 * GIB,
-                reclaimed_bytes=reclaimed,
-            ),
-        ),
-        schedule="nightly",
-    )
-
-
-def populate(state: Path, now: float) -> None:
-    with History(state) as hist:
-        # web01: trimmed 2 days and 20 days ago, grew 1 GiB over the last 7 days.
-        hist.append(trim("web01", now - 2 * DAY, 300 << 20))
-        hist.append(trim("web01", now - 20 * DAY, 700 << 20))
-        hist.append(trim("web01", now - 40 * DAY, 1 << 30))  # outside every window
-        # db01: its latest trim failed.
-        hist.append(trim("db01", now - 3600, 0, Result.AGENT_UNAVAILABLE))
-        for ts, web_alloc in ((now - 8 * DAY, 4 * GIB), (now - 600, 5 * GIB)):
-            hist.append_census(
-                ts,
-                [
-                    CensusDomain(
-                        "web01", "uuid-web01", True, "connected", (disk("web01", web_alloc, GIB),)
-                    ),
-                    CensusDomain(
-                        "db01", "uuid-db01", True, "connected", (disk("db01", 2 * GIB, None),)
-                    ),
-                    CensusDomain(
-                        "<script>x", "uuid-x", False, None, (disk("<script>x", GIB, None, False),)
-                    ),
-                ],
-            )
-
-
-def config_file(tmp_path: Path, state: Path) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        f"state_dir: {state}\nschedules:\n  - name: nightly\n    cron: '30 2 * * *'\n"
-        "    domains: ['*']\n    exclude: ['db*']\n"
-    )
-    return path
+from virt_trimd.engine.history import DB_FILENAME
 
 
 def run(*argv: str) -> tuple[int, str]:
@@ -107,8 +28,8 @@ def by_domain(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_status_json_totals_windows_growth_and_reasons(tmp_path: Path) -> None:
     state = tmp_path / "state"
     now = time.time()
-    populate(state, now)
-    code, text = run("status", "--config", str(config_file(tmp_path, state)), "--json")
+    populate_history(state, now)
+    code, text = run("status", "--config", str(status_config(tmp_path, state)), "--json")
     doc = json.loads(text)
     assert code == 1  # db01 needs attention
     doms = by_domain(doc)
@@ -137,8 +58,8 @@ def test_status_json_totals_windows_growth_and_reasons(tmp_path: Path) -> None:
 
 def test_status_text_says_how_fresh_and_escapes_names(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    populate(state, time.time() - 3 * 3600)  # the daemon stopped three hours ago
-    code, text = run("status", "--config", str(config_file(tmp_path, state)))
+    populate_history(state, time.time() - 3 * 3600)  # the daemon stopped three hours ago
+    code, text = run("status", "--config", str(status_config(tmp_path, state)))
     assert code == 1
     assert "latest census 3h" in text and "STALE" in text
     assert "<script>x" in text and "web01" in text
@@ -147,7 +68,7 @@ def test_status_text_says_how_fresh_and_escapes_names(tmp_path: Path) -> None:
 
 def test_status_never_writes(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    populate(state, time.time())
+    populate_history(state, time.time())
     db = state / DB_FILENAME
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     code, _ = run("status", "--state-dir", str(state), "--json")

@@ -206,6 +206,9 @@ class Daemon:
             raise ConfigError([str(exc)]) from exc
         except MetricsServerError as exc:
             raise StartupError(str(exc)) from exc
+        from virt_trimd.service.statuspages import status_pages  # noqa: PLC0415
+
+        self.server.serve_pages(status_pages(self))
         log.info("metrics on %s", self.server.url)
 
     def connect_libvirt(self) -> bool:

@@ -1,0 +1,76 @@
+"""The daemon's status page `/` and `/api/v1/status`: the `status` report, live.
+
+Built per request from the daemon's own history connection and the scheduler's real
+next fire times (State), in the HTTP request's thread; /metrics never waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from virt_trimd import __version__
+from virt_trimd.engine.history import HistoryError
+from virt_trimd.engine.status import build_charts, build_status, status_to_json
+from virt_trimd.web.page import CONTENT_SECURITY_POLICY, render_status_page
+
+if TYPE_CHECKING:
+    from virt_trimd.engine.status import StatusReport
+    from virt_trimd.service.daemon import Daemon
+    from virt_trimd.web.server import Page
+
+_HTML = "text/html; charset=utf-8"
+_JSON = "application/json"
+_HEADERS: Sequence[tuple[str, str]] = (
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+)
+
+
+class HistoryUnavailable(Exception):
+    """The daemon runs without its history (it could not open it at start)."""
+
+
+def _report(daemon: Daemon, now: float) -> StatusReport:
+    history = daemon.history
+    if history is None:
+        raise HistoryUnavailable
+    return build_status(
+        history,
+        daemon.config,
+        now,
+        hostname=daemon.hostname,
+        next_runs=dict(daemon.state.snapshot().next_run_ts),
+    )
+
+
+def status_pages(daemon: Daemon) -> dict[str, Page]:
+    """Path -> renderer, for MetricsServer.serve_pages."""
+
+    def page() -> tuple[str, bytes, Sequence[tuple[str, str]]]:
+        now = time.time()
+        try:
+            report = _report(daemon, now)
+            assert daemon.history is not None
+            charts = build_charts(daemon.history, now, daemon.tz)
+        except (HistoryUnavailable, HistoryError) as exc:
+            text = (
+                f"virt-trimd: the history is unavailable ({exc or 'not open'}); see the journal\n"
+            )
+            return "text/plain; charset=utf-8", text.encode(), _HEADERS
+        body = render_status_page(
+            report, charts, daemon.tz, version=__version__, hostname=daemon.hostname
+        )
+        return _HTML, body, _HEADERS
+
+    def api() -> tuple[str, bytes, Sequence[tuple[str, str]]]:
+        try:
+            doc = status_to_json(_report(daemon, time.time()))
+        except (HistoryUnavailable, HistoryError) as exc:
+            doc = {"error": f"the history is unavailable: {exc or 'not open'}"}
+        return _JSON, (json.dumps(doc, indent=2) + "\n").encode(), _HEADERS
+
+    return {"/": page, "/api/v1/status": api}
