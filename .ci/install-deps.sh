@@ -12,6 +12,7 @@ PACKAGES=(
     libsystemd-dev pkg-config gcc busybox-static linux-image-amd64 qemu-guest-agent
     e2fsprogs cpio prometheus time
     curl openssl systemd util-linux
+    chromium
 )
 
 log() { echo "install-deps: $*"; }

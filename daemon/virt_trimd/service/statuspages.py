@@ -6,10 +6,11 @@ next fire times (State), in the HTTP request's thread; /metrics never waits for 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from virt_trimd import __version__
 from virt_trimd.engine.history import HistoryError
@@ -17,8 +18,10 @@ from virt_trimd.engine.status import build_charts, build_status, status_to_json
 from virt_trimd.web.page import CONTENT_SECURITY_POLICY, render_status_page
 
 if TYPE_CHECKING:
+    from virt_trimd.config.model import Config
+    from virt_trimd.engine.history import History
+    from virt_trimd.engine.state import State
     from virt_trimd.engine.status import StatusReport
-    from virt_trimd.service.daemon import Daemon
     from virt_trimd.web.server import Page
 
 _HTML = "text/html; charset=utf-8"
@@ -30,11 +33,21 @@ _HEADERS: Sequence[tuple[str, str]] = (
 )
 
 
+class StatusSource(Protocol):
+    """What the pages read: the Daemon has these attributes (so has the scrape benchmark)."""
+
+    history: History | None
+    config: Config
+    state: State
+    hostname: str
+    tz: dt.tzinfo
+
+
 class HistoryUnavailable(Exception):
     """The daemon runs without its history (it could not open it at start)."""
 
 
-def _report(daemon: Daemon, now: float) -> StatusReport:
+def _report(daemon: StatusSource, now: float) -> StatusReport:
     history = daemon.history
     if history is None:
         raise HistoryUnavailable
@@ -47,7 +60,7 @@ def _report(daemon: Daemon, now: float) -> StatusReport:
     )
 
 
-def status_pages(daemon: Daemon) -> dict[str, Page]:
+def status_pages(daemon: StatusSource) -> dict[str, Page]:
     """Path -> renderer, for MetricsServer.serve_pages."""
 
     def page() -> tuple[str, bytes, Sequence[tuple[str, str]]]:

@@ -39,6 +39,7 @@ ul.reasons{margin:0.2rem 0 0 1rem;padding:0}
 figure{margin:0;flex:1 1 20rem;max-width:34rem}
 figcaption{font-size:0.85rem;color:#333}
 svg{width:100%;height:auto;background:#f6f8fa;border-radius:4px}
+#reclaim-chart{max-width:44rem}
 .legend-alloc{color:#0a58ca}.legend-used{color:#198754}
 """
 
