@@ -24,10 +24,11 @@ from virt_trimd import __version__
 from virt_trimd.audit.checks import audit_domain
 from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, unified_diff
 from virt_trimd.audit.report import audit_to_json, format_audit_table
+from virt_trimd.cli.progress import Progress
 from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times
-from virt_trimd.engine.sweep import SweepPlan, run_sweep, select_domains
+from virt_trimd.engine.sweep import SweepContext, SweepPlan, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
 from virt_trimd.host.agent import HypervisorError, Outcome
@@ -153,7 +154,17 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
         opts = TrimOptions.from_config(
             config, timeout_seconds=timeout, minimum_bytes=minimum, dry_run=args.dry_run
         )
-        summary = run_sweep(trimmer, domains, opts, SweepPlan(concurrency=args.concurrency))
+        progress = Progress(len(domains), out, enabled=False if args.json else None)
+        context = SweepContext(
+            on_start=lambda dom: progress.start(dom.name),
+            on_record=lambda rec: progress.done(rec.domain),
+        )
+        try:
+            summary = run_sweep(
+                trimmer, domains, opts, SweepPlan(concurrency=args.concurrency), context
+            )
+        finally:
+            progress.finish()
     finally:
         hv.close()
     if args.json:
@@ -391,10 +402,16 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
         else:
             infos = sorted(hv.list_domains(), key=lambda d: d.name)
         audits = []
-        for info in infos:
-            xml = hv.persistent_xml(info.name)
-            persistent = parse_domain_xml(xml) if xml is not None else None
-            audits.append(audit_domain(info if info.running else None, persistent, qemu))
+        progress = Progress(len(infos), out, enabled=False if args.json else None)
+        try:
+            for info in infos:
+                progress.start(info.name)
+                xml = hv.persistent_xml(info.name)
+                persistent = parse_domain_xml(xml) if xml is not None else None
+                audits.append(audit_domain(info if info.running else None, persistent, qemu))
+                progress.done(info.name)
+        finally:
+            progress.finish()
     finally:
         hv.close()
     if args.json:

@@ -213,6 +213,9 @@ def _disk_charts(series: Sequence[DiskSeries], tz: dt.tzinfo) -> str:
     width, height, pad = 320, 120, 8
     for s in series:
         pts = s.points
+        if len(pts) == 1:
+            # One census so far: draw it as a level across the chart, not an invisible dot.
+            pts = (pts[0], (pts[0][0] + 1.0, pts[0][1], pts[0][2]))
         t0, t1 = pts[0][0], pts[-1][0]
         span = max(t1 - t0, 1.0)
         top = max(max(a, u or 0) for _, a, u in pts) or 1
