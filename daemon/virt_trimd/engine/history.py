@@ -637,15 +637,27 @@ class History:
             for dom, disk, path, fmt, bus, discard, ready, seen in rows
         ]
 
-    def census_series(self, since_ts: float) -> dict[tuple[str, str], list[CensusPoint]]:
-        """(domain, disk) -> its kept samples at or after `since_ts`, oldest first."""
+    def census_series(
+        self, since_ts: float, disks: Sequence[tuple[str, str]] | None = None
+    ) -> dict[tuple[str, str], list[CensusPoint]]:
+        """(domain, disk) -> its kept samples at or after `since_ts`, oldest first.
+
+        `disks` limits it to those (domain, disk) pairs (the page charts a few of many).
+        """
         if not self._has_census():
             return {}
+        where, params = "c.ts >= ?", list[object]([int(since_ts)])
+        if disks is not None:
+            if not disks:
+                return {}
+            where += " AND (k.domain, k.disk) IN (VALUES " + ", ".join(["(?, ?)"] * len(disks))
+            where += ")"
+            params += [part for pair in disks for part in pair]
         rows = self._read(
             "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
             " c.reclaimable_bytes FROM census c JOIN census_disks k ON k.id = c.disk_id"
-            " WHERE c.ts >= ? ORDER BY k.domain, k.disk, c.ts",
-            (int(since_ts),),
+            f" WHERE {where} ORDER BY k.domain, k.disk, c.ts",
+            tuple(params),
         )
         out: dict[tuple[str, str], list[CensusPoint]] = {}
         for dom, disk, ts, alloc, virt, recl in rows:
@@ -658,11 +670,12 @@ class History:
         """(domain, disk) -> its latest sample at or before `ts` (for growth over a window)."""
         if not self._has_census():
             return {}
-        # SQLite gives the bare columns of the row that holds the MAX (sqlite.org/lang_select).
+        # One primary-key probe per disk, not a scan of every sample (a year at 1,000
+        # disks is over a million rows).
         rows = self._read(
-            "SELECT k.domain, k.disk, MAX(c.ts), c.allocated_bytes, c.virtual_bytes,"
-            " c.reclaimable_bytes FROM census c JOIN census_disks k ON k.id = c.disk_id"
-            " WHERE c.ts <= ? GROUP BY c.disk_id",
+            "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
+            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " AND c.ts = (SELECT MAX(ts) FROM census WHERE disk_id = k.id AND ts <= ?)",
             (int(ts),),
         )
         return {
@@ -675,9 +688,9 @@ class History:
         if not self._has_census():
             return {}
         rows = self._read(
-            "SELECT k.domain, k.disk, MIN(c.ts), c.allocated_bytes, c.virtual_bytes,"
-            " c.reclaimable_bytes FROM census c JOIN census_disks k ON k.id = c.disk_id"
-            " WHERE c.ts >= ? GROUP BY c.disk_id",
+            "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
+            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " AND c.ts = (SELECT MIN(ts) FROM census WHERE disk_id = k.id AND ts >= ?)",
             (int(ts),),
         )
         return {

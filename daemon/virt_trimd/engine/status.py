@@ -315,11 +315,14 @@ def build_charts(history: History, now: float, tz: dt.tzinfo) -> StatusCharts:
         if day in per_day:
             per_day[day] += reclaimed
     current = {(d.domain, d.disk) for d in history.census_disks()}
-    series = history.census_series(now - CHART_DAYS * DAY_SECONDS)
-    ranked = sorted(
-        ((key, pts) for key, pts in series.items() if key in current and pts),
-        key=lambda item: (-(item[1][-1].allocated_bytes or 0), item[0]),
+    latest = history.census_at(now)
+    # Only the largest disks are charted: read the series of those alone.
+    largest = sorted(
+        (key for key in current if key in latest),
+        key=lambda key: (-(latest[key].allocated_bytes or 0), key),
     )[:CHART_DISKS]
+    series = history.census_series(now - CHART_DAYS * DAY_SECONDS, largest)
+    ranked = [(key, series[key]) for key in largest if series.get(key)]
     charts = [
         DiskSeries(
             domain=key[0],
