@@ -236,9 +236,10 @@ def test_every_dashboard_panel_query_returns_data(
         60,
         "three scrapes in Prometheus",
     )
+    # Grafana puts a regex-escaped value in a PromQL string, so each backslash doubled.
     values = {
-        "$instance": re.escape(instance),
-        "$domain": re.escape(trimmed.handle.name),
+        "$instance": re.escape(instance).replace("\\", "\\\\"),
+        "$domain": re.escape(trimmed.handle.name).replace("\\", "\\\\"),
         "$__range": "5m",
     }
     queries = _dashboard_queries()
