@@ -14,6 +14,7 @@ PACKAGES=(
     curl openssl systemd util-linux
     mmdebstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject
     python3-argparse-manpage lintian
+    chromium
 )
 
 log() { echo "install-deps: $*"; }

@@ -13,19 +13,25 @@ and is answered "ok" on stdout, so the next scrape has to render again.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from virt_trimd import __version__
+from virt_trimd.config.model import Config
+from virt_trimd.engine.history import History
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
+from virt_trimd.service.statuspages import status_pages
 from virt_trimd.web.collector import TrimdCollector
-from virt_trimd.web.server import start_metrics_server
+from virt_trimd.web.server import Page, start_metrics_server
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -118,6 +124,22 @@ def populate(state: State, domains: int, disks_per_domain: int) -> None:
     state.set_history_ok(True)
 
 
+@dataclass
+class _StatusSource:
+    """The attributes of the Daemon the status pages read (service.statuspages)."""
+
+    history: History | None
+    config: Config
+    state: State
+    hostname: str
+    tz: dt.tzinfo
+
+
+def _status_pages(state: State, history_dir: Path) -> dict[str, Page]:
+    source = _StatusSource(History(history_dir), Config.default(), state, "bench", dt.UTC)
+    return status_pages(source)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scrape_server")
     parser.add_argument("--domains", type=int, default=250)
@@ -125,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="render on every scrape")
+    parser.add_argument(
+        "--status-history", type=Path, metavar="DIR", help="also serve / and /api/v1/status"
+    )
     args = parser.parse_args(argv)
     state = State()
     populate(state, args.domains, args.disks_per_domain)
@@ -138,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = start_metrics_server(
         registry, args.host, args.port, cache_key=None if args.no_cache else state.snapshot
     )
+    if args.status_history is not None:
+        server.serve_pages(_status_pages(state, args.status_history))
     print(json.dumps({"port": server.port, "pid": os.getpid(), "series": series}), flush=True)
     for line in sys.stdin:  # serve until the parent closes our stdin
         if line.strip() == "change":

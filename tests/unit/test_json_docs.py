@@ -12,6 +12,13 @@ import pytest
 from virt_trimd.audit.checks import audit_domain
 from virt_trimd.audit.report import audit_to_json
 from virt_trimd.cli.commands import history_json, summary_json
+from virt_trimd.engine.status import (
+    DiskStatus,
+    DomainStatus,
+    LastTrim,
+    StatusReport,
+    status_to_json,
+)
 from virt_trimd.records import (
     AgentChannel,
     Disk,
@@ -105,12 +112,35 @@ def _audit() -> dict[str, Any]:
     return audit_to_json([audit_domain(dom, dom, (7, 2, 0))])
 
 
+def _status() -> dict[str, Any]:
+    disk = DiskStatus("vda", "/img/web01.qcow2", 5, 20, 1, 1, 1.0, True)
+    dom = DomainStatus(
+        domain="web01",
+        uuid="u",
+        state="running",
+        ready=True,
+        last_trim=LastTrim("2026-11-29T02:30:11+00:00", "success", 3, "ok"),
+        last_success_ts=2.0,
+        reclaimed_bytes={1: 0, 7: 3, 30: 4},
+        allocated_bytes=5,
+        growth_7d_bytes=1,
+        reclaimable_bytes=1,
+        next_run_ts=3.0,
+        next_schedule="nightly",
+        reasons=(),
+        needs_attention=False,
+        disks=(disk,),
+    )
+    return status_to_json(StatusReport(10.0, 9.0, False, (dom,), 3.0))
+
+
 EMITTED = {
     "## `virt-trimd trim --json` and `virt-trimd run --once --json`": lambda: summary_json(
         SweepSummary((_record(),))
     ),
     "## `virt-trimd history --json`": lambda: history_json([_record()]),
     "## `virt-trimd audit --json`": _audit,
+    "## `virt-trimd status --json` and `GET /api/v1/status`": _status,
 }
 
 

@@ -22,10 +22,11 @@ from virt_trimd import __version__
 from virt_trimd.audit.checks import audit_domain
 from virt_trimd.audit.discardfix import backup_xml, enable_discard_xml, unified_diff
 from virt_trimd.audit.report import audit_to_json, format_audit_table
+from virt_trimd.cli.progress import Progress
 from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times, local_timezone
-from virt_trimd.engine.sweep import SweepPlan, run_sweep, select_domains
+from virt_trimd.engine.sweep import SweepContext, SweepPlan, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
 from virt_trimd.host.agent import HypervisorError, Outcome
@@ -151,7 +152,17 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
         opts = TrimOptions.from_config(
             config, timeout_seconds=timeout, minimum_bytes=minimum, dry_run=args.dry_run
         )
-        summary = run_sweep(trimmer, domains, opts, SweepPlan(concurrency=args.concurrency))
+        progress = Progress(len(domains), out, enabled=False if args.json else None)
+        context = SweepContext(
+            on_start=lambda dom: progress.start(dom.name),
+            on_record=lambda rec: progress.done(rec.domain),
+        )
+        try:
+            summary = run_sweep(
+                trimmer, domains, opts, SweepPlan(concurrency=args.concurrency), context
+            )
+        finally:
+            progress.finish()
     finally:
         hv.close()
     if args.json:
@@ -337,6 +348,37 @@ def format_history_table(records: Sequence[TrimRecord]) -> str:
     return "".join(line + "\n" for line in render_table(header, rows))
 
 
+# -- status ----------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd status`: the operator's view, read from the history only (read-only)."""
+    import socket  # noqa: PLC0415
+
+    from virt_trimd.cli.statusview import format_status  # noqa: PLC0415
+    from virt_trimd.engine.status import (  # noqa: PLC0415
+        build_status,
+        schedule_next_runs,
+        status_to_json,
+    )
+
+    # The packaged config when there is one: its schedules give the next runs.
+    explicit = args.config is not None or DEFAULT_CONFIG_PATH.is_file()
+    config = _load(args, required=explicit)
+    state_dir = args.state_dir or config.state_dir
+    tz = local_timezone()
+    now = time.time()
+    with History(state_dir, readonly=True) as hist:
+        next_runs = schedule_next_runs(hist, config.schedules, tz, now)
+        report = build_status(hist, config, now, hostname=socket.gethostname(), next_runs=next_runs)
+    if args.json:
+        json.dump(status_to_json(report), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_status(report, tz))
+    return EXIT_FAILED if report.needs_attention or report.stale else EXIT_OK
+
+
 # -- audit -----------------------------------------------------------------------
 
 
@@ -358,10 +400,16 @@ def cmd_audit(args: argparse.Namespace, out: TextIO) -> int:
         else:
             infos = sorted(hv.list_domains(), key=lambda d: d.name)
         audits = []
-        for info in infos:
-            xml = hv.persistent_xml(info.name)
-            persistent = parse_domain_xml(xml) if xml is not None else None
-            audits.append(audit_domain(info if info.running else None, persistent, qemu))
+        progress = Progress(len(infos), out, enabled=False if args.json else None)
+        try:
+            for info in infos:
+                progress.start(info.name)
+                xml = hv.persistent_xml(info.name)
+                persistent = parse_domain_xml(xml) if xml is not None else None
+                audits.append(audit_domain(info if info.running else None, persistent, qemu))
+                progress.done(info.name)
+        finally:
+            progress.finish()
     finally:
         hv.close()
     if args.json:
@@ -481,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N rows (newest)")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("status", help="what was reclaimed, what grows, what needs attention")
+    p.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="override state_dir")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("audit", help="can discards reach the host? what to change")
     p.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every domain")

@@ -13,17 +13,20 @@ import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from virt_trimd.engine.state import DiskState
 from virt_trimd.records import Result, TrimRecord
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.history")
 
 DB_FILENAME = "history.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Results where nothing was asked of the guest, as SQL parameters.
 _NOT_A_TRIM = tuple(sorted(r.value for r in Result if not r.attempted))
@@ -73,6 +76,96 @@ _SCHEMA_V1 = (
 )
 
 
+# v2: the census series. One row per disk per kept census, WITHOUT ROWID and keyed by a
+# small disk id, so a row is ~30 bytes; compact_census thins old rows (see CENSUS_TIERS).
+_SCHEMA_V2 = (
+    """
+    CREATE TABLE census_domains (
+        domain TEXT PRIMARY KEY,
+        uuid TEXT NOT NULL,
+        running INTEGER NOT NULL,
+        agent_state TEXT,
+        last_seen_ts REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE census_disks (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL,
+        disk TEXT NOT NULL,
+        path TEXT,
+        format TEXT,
+        bus TEXT NOT NULL,
+        discard TEXT,
+        discard_ready INTEGER,
+        last_seen_ts REAL NOT NULL,
+        UNIQUE (domain, disk)
+    )
+    """,
+    """
+    CREATE TABLE census (
+        disk_id INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        allocated_bytes INTEGER,
+        virtual_bytes INTEGER,
+        reclaimable_bytes INTEGER,
+        PRIMARY KEY (disk_id, ts)
+    ) WITHOUT ROWID
+    """,
+)
+
+# (age in seconds, bucket in seconds): census rows older than `age` keep only the
+# latest sample of each `bucket`. Every census of the last day, hourly to 30 days (the
+# 7-day growth and the page's charts need no finer), daily beyond.
+CENSUS_TIERS: tuple[tuple[int, int], ...] = ((86_400, 3_600), (30 * 86_400, 86_400))
+
+
+@dataclass(frozen=True)
+class CensusDomain:
+    """One domain as one census saw it: its run state and its measured disks."""
+
+    domain: str
+    uuid: str
+    running: bool
+    agent_state: str | None
+    disks: tuple[DiskState, ...]
+
+
+@dataclass(frozen=True)
+class CensusPoint:
+    """One kept census sample of one disk."""
+
+    ts: float
+    allocated_bytes: int | None
+    virtual_bytes: int | None
+    reclaimable_bytes: int | None
+
+
+@dataclass(frozen=True)
+class CensusDisk:
+    """A disk's description at its latest census (the series is read separately)."""
+
+    domain: str
+    disk: str
+    path: str | None
+    format: str | None
+    bus: str
+    discard: str | None
+    discard_ready: bool | None
+    last_seen_ts: float
+
+
+@dataclass(frozen=True)
+class CensusDomainRow:
+    """A domain's state at its latest census."""
+
+    domain: str
+    uuid: str
+    running: bool
+    agent_state: str | None
+    last_seen_ts: float
+
+
 class HistoryError(Exception):
     """The history database cannot be opened, read or written."""
 
@@ -89,6 +182,8 @@ class History:
     def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
         self.path = Path(state_dir) / DB_FILENAME
         self.readonly = readonly
+        # What the file holds: a reader may open a v1 file the daemon has not migrated yet.
+        self.schema_version = SCHEMA_VERSION
         # One connection shared by all threads; the lock serialises its use, which
         # sqlite3 requires when check_same_thread=False.
         self._lock = threading.Lock()
@@ -129,6 +224,7 @@ class History:
             conn = _connect_uri(f"{uri}?mode=ro&immutable=1")
             version = _user_version(conn)
         self._check_version(conn, version, readonly=True)
+        self.schema_version = version
         return conn
 
     def _open_readwrite(self, state_dir: Path) -> sqlite3.Connection:
@@ -167,8 +263,15 @@ class History:
             if version == 0:
                 for statement in _SCHEMA_V1:
                     conn.execute(statement)
+            if version < 2:
+                # Additive: v1's tables and rows stay as they are. One transaction with
+                # the version bump, so a crash leaves v1 or v2, never half of v2.
+                for statement in _SCHEMA_V2:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                log.info("created history schema v%d in %s", SCHEMA_VERSION, self.path)
+                verb = "created" if version == 0 else f"migrated from v{version} to"
+                log.info("%s history schema v%d in %s", verb, SCHEMA_VERSION, self.path)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -246,7 +349,7 @@ class History:
             what=f"sweep of schedule {schedule!r}",
         )
 
-    def _write(self, sql: str, params: tuple[Any, ...], *, what: str) -> int:
+    def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any], *, what: str) -> int:
         """Run one writing statement (one transaction); return the rows it changed."""
         with self._lock:
             conn = self._connection()
@@ -338,7 +441,7 @@ class History:
         return {str(u): float(d) for u, d in rows}
 
     def prune(self, before_ts: float) -> int:
-        """Delete trims and sweeps started before `before_ts`; return the trims deleted.
+        """Delete trims, sweeps and census samples before `before_ts`; return the trims deleted.
 
         Kept whatever their age, because start-up reads them back: each domain's latest
         successful trim (the last-success gauge and its alert) and each schedule's latest
@@ -356,12 +459,263 @@ class History:
             (before_ts,),
             what="deletion of old sweeps",
         )
+        self._prune_census(before_ts)
         return deleted
 
     def last_sweep_by_schedule(self) -> dict[str, float]:
         """Schedule -> started_ts of its latest completed sweep, for catch-up decisions."""
         rows = self._read("SELECT schedule, MAX(started_ts) FROM sweeps GROUP BY schedule")
         return {str(s): float(ts) for s, ts in rows}
+
+    # -- census series (schema v2) ---------------------------------------------------
+
+    def _has_census(self) -> bool:
+        # A reader of a v1 file the daemon has not migrated yet sees no series.
+        return self.schema_version >= 2
+
+    def append_census(
+        self, ts: float, domains: Sequence[CensusDomain], *, complete: bool = True
+    ) -> None:
+        """Store one census (every domain's state and each disk's sample) in one transaction.
+
+        `complete` means `domains` is every domain libvirt knows: the others are gone
+        and leave the domain list (their samples stay until pruned). A partial census
+        (`run --once`, swept domains only) removes nothing. Raises HistoryError.
+        """
+        sample_ts = int(ts)
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._insert_census(conn, ts, sample_ts, domains, complete)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise HistoryError(
+                    f"cannot record the census in {self.path}: {exc}; "
+                    "check free space and that the state directory is writable"
+                ) from exc
+
+    @staticmethod
+    def _insert_census(
+        conn: sqlite3.Connection,
+        ts: float,
+        sample_ts: int,
+        domains: Sequence[CensusDomain],
+        complete: bool,
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO census_domains (domain, uuid, running, agent_state, last_seen_ts)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET uuid = excluded.uuid,"
+            " running = excluded.running, agent_state = excluded.agent_state,"
+            " last_seen_ts = excluded.last_seen_ts",
+            [(d.domain, d.uuid, int(d.running), d.agent_state, ts) for d in domains],
+        )
+        if complete:
+            conn.execute("DELETE FROM census_domains WHERE last_seen_ts < ?", (ts,))
+        disks = [disk for d in domains for disk in d.disks]
+        conn.executemany(
+            "INSERT INTO census_disks (domain, disk, path, format, bus, discard, discard_ready,"
+            " last_seen_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (domain, disk)"
+            " DO UPDATE SET path = excluded.path, format = excluded.format,"
+            " bus = excluded.bus, discard = excluded.discard,"
+            " discard_ready = excluded.discard_ready, last_seen_ts = excluded.last_seen_ts",
+            [
+                (
+                    d.domain,
+                    d.disk,
+                    d.path,
+                    d.format,
+                    d.bus,
+                    d.discard,
+                    None if d.discard_ready is None else int(d.discard_ready),
+                    ts,
+                )
+                for d in disks
+            ],
+        )
+        ids = {
+            (str(dom), str(disk)): int(i)
+            for i, dom, disk in conn.execute(
+                "SELECT id, domain, disk FROM census_disks WHERE last_seen_ts = ?", (ts,)
+            )
+        }
+        conn.executemany(
+            "INSERT OR REPLACE INTO census (disk_id, ts, allocated_bytes, virtual_bytes,"
+            " reclaimable_bytes) VALUES (?, ?, ?, ?, ?)",
+            [
+                (
+                    ids[(d.domain, d.disk)],
+                    sample_ts,
+                    d.allocated_bytes,
+                    d.virtual_bytes,
+                    d.reclaimable_bytes,
+                )
+                for d in disks
+                if d.allocated_bytes is not None
+            ],
+        )
+
+    def compact_census(self, now: float) -> int:
+        """Thin old samples to CENSUS_TIERS (latest per bucket); return the rows deleted."""
+        if not self._has_census():
+            return 0
+        deleted = 0
+        for age, bucket in CENSUS_TIERS:
+            cutoff = int(now) - age
+            # A row goes when a later row of its disk lies in the same bucket, below the
+            # cutoff: one primary-key range probe per row. (A NOT IN over a GROUP BY was
+            # quadratic here: hours per simulated year at 200 disks.)
+            deleted += self._write(
+                "DELETE FROM census AS old WHERE old.ts < :cutoff AND EXISTS ("
+                " SELECT 1 FROM census AS new WHERE new.disk_id = old.disk_id"
+                " AND new.ts > old.ts"
+                " AND new.ts < MIN(:cutoff, (old.ts / :bucket + 1) * :bucket))",
+                {"cutoff": cutoff, "bucket": bucket},
+                what="compaction of the census series",
+            )
+        return deleted
+
+    def _prune_census(self, before_ts: float) -> None:
+        if not self._has_census():
+            return
+        self._write(
+            "DELETE FROM census WHERE ts < ?", (int(before_ts),), what="deletion of old census"
+        )
+        # A disk description with no samples left and no domain any more describes nothing.
+        self._write(
+            "DELETE FROM census_disks WHERE domain NOT IN (SELECT domain FROM census_domains)"
+            " AND id NOT IN (SELECT DISTINCT disk_id FROM census)",
+            (),
+            what="deletion of vanished disks",
+        )
+
+    def latest_census_ts(self) -> float | None:
+        """When the latest census was recorded, None if never (or a v1 file)."""
+        if not self._has_census():
+            return None
+        rows = self._read("SELECT MAX(last_seen_ts) FROM census_domains")
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    def census_domains(self) -> list[CensusDomainRow]:
+        """Every domain of the latest census, by name."""
+        if not self._has_census():
+            return []
+        rows = self._read(
+            "SELECT domain, uuid, running, agent_state, last_seen_ts FROM census_domains"
+            " ORDER BY domain"
+        )
+        return [
+            CensusDomainRow(str(d), str(u), bool(r), None if a is None else str(a), float(t))
+            for d, u, r, a, t in rows
+        ]
+
+    def census_disks(self) -> list[CensusDisk]:
+        """Disks the latest census of their domain saw (detached ones drop out), by name."""
+        if not self._has_census():
+            return []
+        rows = self._read(
+            "SELECT k.domain, k.disk, k.path, k.format, k.bus, k.discard, k.discard_ready,"
+            " k.last_seen_ts FROM census_disks k JOIN census_domains d"
+            " ON d.domain = k.domain AND d.last_seen_ts = k.last_seen_ts"
+            " ORDER BY k.domain, k.disk"
+        )
+        return [
+            CensusDisk(
+                domain=str(dom),
+                disk=str(disk),
+                path=path,
+                format=fmt,
+                bus=str(bus),
+                discard=discard,
+                discard_ready=None if ready is None else bool(ready),
+                last_seen_ts=float(seen),
+            )
+            for dom, disk, path, fmt, bus, discard, ready, seen in rows
+        ]
+
+    def census_series(
+        self, since_ts: float, disks: Sequence[tuple[str, str]] | None = None
+    ) -> dict[tuple[str, str], list[CensusPoint]]:
+        """(domain, disk) -> its kept samples at or after `since_ts`, oldest first.
+
+        `disks` limits it to those (domain, disk) pairs (the page charts a few of many).
+        """
+        if not self._has_census():
+            return {}
+        where, params = "c.ts >= ?", list[object]([int(since_ts)])
+        if disks is not None:
+            if not disks:
+                return {}
+            where += " AND (k.domain, k.disk) IN (VALUES " + ", ".join(["(?, ?)"] * len(disks))
+            where += ")"
+            params += [part for pair in disks for part in pair]
+        rows = self._read(
+            "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
+            " c.reclaimable_bytes FROM census c JOIN census_disks k ON k.id = c.disk_id"
+            f" WHERE {where} ORDER BY k.domain, k.disk, c.ts",
+            tuple(params),
+        )
+        out: dict[tuple[str, str], list[CensusPoint]] = {}
+        for dom, disk, ts, alloc, virt, recl in rows:
+            out.setdefault((str(dom), str(disk)), []).append(
+                CensusPoint(float(ts), alloc, virt, recl)
+            )
+        return out
+
+    def census_at(self, ts: float) -> dict[tuple[str, str], CensusPoint]:
+        """(domain, disk) -> its latest sample at or before `ts` (for growth over a window)."""
+        if not self._has_census():
+            return {}
+        # One primary-key probe per disk, not a scan of every sample (a year at 1,000
+        # disks is over a million rows).
+        rows = self._read(
+            "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
+            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " AND c.ts = (SELECT MAX(ts) FROM census WHERE disk_id = k.id AND ts <= ?)",
+            (int(ts),),
+        )
+        return {
+            (str(dom), str(disk)): CensusPoint(float(t), alloc, virt, recl)
+            for dom, disk, t, alloc, virt, recl in rows
+        }
+
+    def census_first_after(self, ts: float) -> dict[tuple[str, str], CensusPoint]:
+        """(domain, disk) -> its earliest sample at or after `ts` (a disk younger than a window)."""
+        if not self._has_census():
+            return {}
+        rows = self._read(
+            "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
+            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " AND c.ts = (SELECT MIN(ts) FROM census WHERE disk_id = k.id AND ts >= ?)",
+            (int(ts),),
+        )
+        return {
+            (str(dom), str(disk)): CensusPoint(float(t), alloc, virt, recl)
+            for dom, disk, t, alloc, virt, recl in rows
+        }
+
+    def reclaim_rows(self, since_ts: float) -> list[tuple[str, float, int]]:
+        """(domain, started_ts, reclaimed_bytes) of every real trim started at/after `since_ts`."""
+        rows = self._read(
+            "SELECT domain, started_ts, reclaimed_bytes FROM trims"
+            " WHERE dry_run = 0 AND started_ts >= ? ORDER BY started_ts",
+            (since_ts,),
+        )
+        return [(str(d), float(t), int(r)) for d, t, r in rows]
+
+    def latest_trim_by_domain(self) -> dict[str, TrimRecord]:
+        """Domain -> its latest trim record of any result (dry runs excluded)."""
+        rows = self._read(
+            "SELECT id, record_json FROM trims WHERE id IN ("
+            + _latest_ids("trims", "domain", "WHERE dry_run = 0")
+            + ")"
+        )
+        records = [_decode(row_id, text, self.path) for row_id, text in rows]
+        return {r.domain: r for r in records}
 
     def integrity_ok(self) -> bool:
         """True when PRAGMA integrity_check reports "ok"; logs what it found otherwise."""

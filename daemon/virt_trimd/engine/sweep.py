@@ -93,6 +93,8 @@ class SweepContext:
     stop: threading.Event = field(default_factory=threading.Event)
     on_record: Callable[[TrimRecord], None] | None = None
     wall_clock: Callable[[], float] = time.time
+    # Runs in the worker thread just before a domain's trim starts (a progress line).
+    on_start: Callable[[DomainInfo], None] | None = None
 
 
 def run_sweep(
@@ -136,6 +138,8 @@ def run_sweep(
                     opts,
                     f"skipped: trimmed {since:.0f}s ago, min_interval is {min_interval_seconds:g}s",
                 )
+            if context.on_start is not None:
+                context.on_start(dom)
             record = trimmer.trim(dom, opts)
             if record.result.fstrim_sent and not opts.dry_run:
                 trimmed_at = wall_clock()

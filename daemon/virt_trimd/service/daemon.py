@@ -34,7 +34,7 @@ from virt_trimd.config.model import (
     check_file_permissions,
     load_config,
 )
-from virt_trimd.engine.history import History, HistoryError
+from virt_trimd.engine.history import CensusDomain, History, HistoryError
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone, spread_offset
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.sweep import (
@@ -167,7 +167,14 @@ class Daemon:
     def prune_history(self) -> None:
         """Delete history older than history_retention (never what start-up reads back)."""
         retention = self.config.history_retention_seconds
-        if self.history is None or retention <= 0:
+        if self.history is None:
+            return
+        try:
+            # Thinning is not retention: it runs even when everything is kept.
+            self.history.compact_census(time.time())
+        except HistoryError as exc:
+            log.error("cannot compact the census series: %s", exc)
+        if retention <= 0:
             return
         # open_history restores min_interval from the trims inside the longest one.
         horizon = self._min_interval_horizon()
@@ -205,6 +212,9 @@ class Daemon:
             raise ConfigError([str(exc)]) from exc
         except MetricsServerError as exc:
             raise StartupError(str(exc)) from exc
+        from virt_trimd.service.statuspages import status_pages  # noqa: PLC0415
+
+        self.server.serve_pages(status_pages(self))
         log.info("metrics on %s", self.server.url)
 
     def connect_libvirt(self) -> bool:
@@ -411,6 +421,8 @@ class Daemon:
         if only is not None:
             domains = [d for d in domains if d.name in only]
         paths: set[str] = set()
+        census_ts = time.time()
+        seen: list[CensusDomain] = []
         for dom in domains:
             if self.stop_event.is_set():
                 return
@@ -458,7 +470,21 @@ class Daemon:
                     )
                 )
             self.state.observe_census(dom.name, disks)
+            seen.append(
+                CensusDomain(dom.name, dom.uuid, dom.running, dom.agent.state, tuple(disks))
+            )
         self.measurer.forget(paths)
+        self._record_census(census_ts, seen, complete=only is None)
+
+    def _record_census(self, ts: float, domains: list[CensusDomain], *, complete: bool) -> None:
+        """Keep the census in the history's series (status, the page); never raises."""
+        if self.history is None:
+            return
+        try:
+            self.history.append_census(ts, domains, complete=complete)
+        except HistoryError as exc:
+            log.error("cannot write census to history: %s", exc)
+            self.state.set_history_ok(False)
 
     # -- main loop -----------------------------------------------------------------
 

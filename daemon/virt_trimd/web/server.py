@@ -80,6 +80,11 @@ _PLAIN_HTTP_ON_TLS_RESPONSE = (
 _TLS_HANDSHAKE_RECORD = 0x16
 
 
+# A page other than /metrics: rendered per request, in the request's own thread, so
+# /metrics (and its cache) never waits for it. Returns content type, body, extra headers.
+Page = Callable[[], tuple[str, bytes, Sequence[tuple[str, str]]]]
+
+
 class MetricsServerError(Exception):
     """The metrics endpoint cannot be started (address in use, bad address, bad web config)."""
 
@@ -246,6 +251,8 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
     allow_reuse_port = False
     # See start_metrics_server; None renders every scrape.
     cache_key: Callable[[], object] | None = None
+    # See start_metrics_server: path -> function rendering (content type, body, headers).
+    pages: Mapping[str, Page] = {}
 
     def __init__(
         self,
@@ -374,14 +381,26 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             )
             return
         url = urlsplit(self.path)
+        page = self.server.pages.get(url.path)
         if url.path == "/metrics":
             self._serve_metrics(url.query, send_body)
+        elif page is not None:
+            self._serve_page(page, send_body)
         elif url.path == "/":
             self._reply(200, "text/html; charset=utf-8", _INDEX_HTML, send_body=send_body)
         elif url.path == "/healthz":
             self._reply(200, _PLAIN_TEXT, b"ok\n", send_body=send_body)
         else:
             self._reply(404, _PLAIN_TEXT, b"Not Found\n", send_body=send_body)
+
+    def _serve_page(self, page: Page, send_body: bool) -> None:
+        try:
+            content_type, body, headers = page()
+        except Exception:
+            log.exception("rendering %s failed", self.path)
+            self._reply(500, _PLAIN_TEXT, b"Internal Server Error\n", send_body=send_body)
+            return
+        self._reply(200, content_type, body, headers, send_body)
 
     def _serve_metrics(self, query: str, send_body: bool) -> None:
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
@@ -472,6 +491,14 @@ class MetricsServer:
     def metrics_url(self) -> str:
         """URL of the exposition, `url` + `/metrics`."""
         return self.url + "/metrics"
+
+    def serve_pages(self, pages: Mapping[str, Page]) -> None:
+        """Serve further paths (the status page `/`, `/api/v1/status`) besides /metrics.
+
+        Each function renders its page per request, behind the same TLS and basic auth
+        as /metrics; one that raises answers 500. Replaces pages given before.
+        """
+        self._httpd.pages = dict(pages)
 
     def apply_web_config(self, config: WebConfig | None) -> None:
         """Serve new connections with `config` (e.g. renewed certificate) from now on.
