@@ -164,6 +164,55 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
+def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd sparsify`: offline reclaim (virt-sparsify --in-place) of shut-off domains."""
+    from virt_trimd.engine.offline import OfflineReclaimer  # noqa: PLC0415
+    from virt_trimd.host.sparsify import find_tool  # noqa: PLC0415
+
+    config = _load(args)
+    if not args.all and not args.domains:
+        raise UsageError("name at least one DOMAIN, or pass --all (every shut-off domain)")
+    if args.all and args.domains:
+        raise UsageError("--all and DOMAIN names are mutually exclusive")
+    limits = config.offline.limits
+    if args.timeout is not None:
+        try:
+            timeout = parse_duration(args.timeout)
+        except ValueError as exc:
+            raise UsageError(f"--timeout: {exc}") from exc
+        if timeout <= 0:
+            raise UsageError("--timeout must be positive")
+        limits = dataclasses.replace(limits, timeout_seconds=timeout)
+    if find_tool() is None and not args.dry_run:
+        raise CommandFailed(
+            "virt-sparsify not found: install libguestfs-tools (apt-get install "
+            "libguestfs-tools) for offline reclaim"
+        )
+    hv = Hypervisor(config.libvirt_uri)
+    try:
+        hv.connect()
+        if args.all:
+            domains = sorted((d for d in hv.list_domains() if not d.running), key=lambda d: d.name)
+        else:
+            domains = _resolve_domains(hv, args.domains, all_running=False)
+        measurer = Measurer(config.qemu_img)
+        reclaimer = OfflineReclaimer(
+            hv, DomainTrimmer(hv, measurer), limits, config.qemu_img, concurrency=1
+        )
+        opts = TrimOptions.from_config(
+            config, timeout_seconds=limits.timeout_seconds, minimum_bytes=0, dry_run=args.dry_run
+        )
+        summary = run_sweep(reclaimer, domains, opts, concurrency=1)
+    finally:
+        hv.close()
+    if args.json:
+        json.dump(summary_json(summary), out, indent=2, sort_keys=False)
+        out.write("\n")
+    else:
+        out.write(format_table(summary.records))
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
 def summary_json(summary: SweepSummary) -> dict[str, Any]:
     """The `trim --json` and `run --once --json` document (docs/json.md)."""
     return {
@@ -443,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=1, metavar="N", help="guests trimmed at once (default 1)"
     )
     p.set_defaults(func=cmd_trim)
+
+    p = sub.add_parser(
+        "sparsify", help="reclaim shut-off domains offline with virt-sparsify --in-place"
+    )
+    p.add_argument("domains", nargs="*", metavar="DOMAIN")
+    p.add_argument("--all", action="store_true", help="every shut-off domain")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI (default from config)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
+    p.add_argument("--dry-run", action="store_true", help="check and measure only, write nothing")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--timeout", metavar="DURATION", help="per-disk virt-sparsify timeout (default 30m)"
+    )
+    p.set_defaults(func=cmd_sparsify)
 
     p = sub.add_parser("run", help="the daemon (systemd service), or --once for cron")
     p.add_argument(
