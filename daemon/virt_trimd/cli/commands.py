@@ -202,7 +202,7 @@ def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
         opts = TrimOptions.from_config(
             config, timeout_seconds=limits.timeout_seconds, minimum_bytes=0, dry_run=args.dry_run
         )
-        summary = run_sweep(reclaimer, domains, opts, concurrency=1)
+        summary = run_sweep(reclaimer, domains, opts)
     finally:
         hv.close()
     if args.json:
