@@ -28,7 +28,9 @@ import libvirt
 import pytest
 
 import rig
-from e2e.helpers import QCOW2_CLUSTER, cli_env, record_of, stat_allocated, virt_trimd
+from e2e.helpers import QCOW2_CLUSTER, record_of, stat_allocated
+from support.cli import cli_env, virt_trimd
+from support.files import write_config
 
 MIB = 1 << 20
 GARBAGE_MIB = 120
@@ -50,12 +52,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_config(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.yaml"
-    path.write_text(OFFLINE_CONFIG.format(state_dir=directory / "state"))
-    path.chmod(0o600)
-    return path
+def offline_config(directory: Path) -> Path:
+    """A config whose libguestfs runs under TCG (see the module docstring)."""
+    return write_config(
+        directory / "config.yaml", OFFLINE_CONFIG.format(state_dir=directory / "state")
+    )
 
 
 def sparsify_json(config: Path, *args: str, timeout: float = 900) -> tuple[int, dict[str, Any]]:
@@ -132,7 +133,7 @@ def data_guest(
         assert len(checksums) == 2, checksums
         rig.guest_exec(handle.dom, ["/bin/sync"])
         handle.dom.destroy()
-        yield DataGuest(handle, write_config(workdir / "cfg"), checksums)
+        yield DataGuest(handle, offline_config(workdir / "cfg"), checksums)
     finally:
         rig.destroy_guest(libvirt_conn, spec.domain_name)
 
@@ -287,7 +288,7 @@ def test_guards_refuse_shared_shareable_readonly_backing_overlay_and_snapshots(
         ]
         files = [*paths.values(), overlay]
         sums = {p: sha256(p) for p in files}
-        config = write_config(tmp_path / "cfg")
+        config = offline_config(tmp_path / "cfg")
         code, doc = sparsify_json(config, *names)
         assert code == 0, doc
         expected = {

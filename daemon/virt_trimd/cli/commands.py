@@ -196,9 +196,8 @@ def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
         else:
             domains = _resolve_domains(hv, args.domains, all_running=False)
         measurer = Measurer(config.qemu_img)
-        reclaimer = OfflineReclaimer(
-            hv, DomainTrimmer(hv, measurer), limits, config.qemu_img, concurrency=1
-        )
+        offline = dataclasses.replace(config.offline, limits=limits, concurrency=1)
+        reclaimer = OfflineReclaimer(hv, DomainTrimmer(hv, measurer), offline)
         opts = TrimOptions.from_config(
             config, timeout_seconds=limits.timeout_seconds, minimum_bytes=0, dry_run=args.dry_run
         )

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from virt_trimd.config.model import OfflineConfig
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, utc_now_iso
 from virt_trimd.host.agent import HypervisorError
 from virt_trimd.host.measure import MeasureError
@@ -174,6 +175,16 @@ def disk_refusal(
     return None
 
 
+@dataclass(frozen=True)
+class OfflineHooks:
+    """The host calls an OfflineReclaimer makes, replaceable in tests."""
+
+    runner: Runner = _default_runner
+    lock_probe: LockProbe = image_lock_conflict
+    facts: FactsReader = image_facts
+    clock: Callable[[], float] = time.monotonic
+
+
 class OfflineReclaimer:
     """Sparsifies shut-off domains; `trim(dom, opts)` has DomainTrimmer's shape for run_sweep.
 
@@ -185,24 +196,19 @@ class OfflineReclaimer:
         self,
         hypervisor: Hypervisor,
         trimmer: DomainTrimmer,
-        limits: SparsifyLimits,
-        qemu_img: QemuImgLimits,
-        *,
-        concurrency: int = 1,
-        runner: Runner = _default_runner,
-        lock_probe: LockProbe = image_lock_conflict,
-        facts: FactsReader = image_facts,
-        clock: Callable[[], float] = time.monotonic,
+        offline: OfflineConfig,
+        hooks: OfflineHooks | None = None,
     ) -> None:
+        hooks = hooks or OfflineHooks()
         self.hypervisor = hypervisor
         self.trimmer = trimmer
-        self.limits = limits
-        self.qemu_img = qemu_img
-        self.slots = threading.BoundedSemaphore(max(1, concurrency))
-        self._runner = runner
-        self._lock_probe = lock_probe
-        self._facts = facts
-        self._clock = clock
+        self.limits = offline.limits
+        self.qemu_img = trimmer.measurer.limits
+        self.slots = threading.BoundedSemaphore(max(1, offline.concurrency))
+        self._runner = hooks.runner
+        self._lock_probe = hooks.lock_probe
+        self._facts = hooks.facts
+        self._clock = hooks.clock
 
     def trim(self, dom: DomainInfo, opts: TrimOptions) -> TrimRecord:
         """Reclaim one shut-off domain offline and return its record; never raises."""
