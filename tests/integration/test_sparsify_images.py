@@ -56,7 +56,6 @@ def test_lock_probe_sees_a_qemu_holding_the_image(tmp_path: Path) -> None:
 
 
 def test_stale_socket_dirs_of_a_killed_run_are_removed(tmp_path: Path, monkeypatch: object) -> None:
-    import pytest
 
     assert isinstance(monkeypatch, pytest.MonkeyPatch)
     monkeypatch.setattr(sparsify, "SOCKDIR_PARENT", tmp_path)
