@@ -14,7 +14,6 @@ LIBGUESTFS_BACKEND_SETTINGS=force_tcg through the product's `offline.environment
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,28 +27,19 @@ import libvirt
 import pytest
 
 import rig
-from e2e.helpers import QCOW2_CLUSTER, record_of, stat_allocated
+from e2e.helpers import MIB, QCOW2_CLUSTER, record_of, stat_allocated
+from e2e.offline_helpers import (
+    OFFLINE_SECTION,
+    guest_checksums,
+    sha256,
+    write_keep_files_and_stop,
+)
 from support.cli import cli_env, virt_trimd
 from support.files import write_config
 
-MIB = 1 << 20
 GARBAGE_MIB = 120
-KEEP_MIB = 8
 
-OFFLINE_CONFIG = """\
-state_dir: {state_dir}
-offline:
-  timeout: 10m
-  environment: [LIBGUESTFS_BACKEND_SETTINGS=force_tcg]
-"""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(4 * MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+OFFLINE_CONFIG = "state_dir: {state_dir}\n" + OFFLINE_SECTION
 
 
 def offline_config(directory: Path) -> Path:
@@ -65,16 +55,6 @@ def sparsify_json(config: Path, *args: str, timeout: float = 900) -> tuple[int, 
         return proc.returncode, json.loads(proc.stdout)
     except ValueError as exc:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}") from exc
-
-
-def guest_checksums(dom: libvirt.virDomain) -> dict[str, str]:
-    """sha256 of keep.bin on every mounted data disk, as the guest computes it."""
-    out = rig.guest_exec(dom, ["/bin/sh", "-c", "sha256sum /mnt/*/keep.bin"])
-    sums = {}
-    for line in out.splitlines():
-        digest, name = line.split()
-        sums[name] = digest
-    return sums
 
 
 def held_by_ofd_lock(path: Path) -> bool:
@@ -120,19 +100,8 @@ def data_guest(
     )
     try:
         (handle,) = rig.start_guests(libvirt_conn, [spec], workdir / "guests", rig_boot)
-        rig.guest_exec(
-            handle.dom,
-            [
-                "/bin/sh",
-                "-c",
-                f"for m in /mnt/*; do dd if=/dev/urandom of=$m/keep.bin bs=1M count={KEEP_MIB}"
-                " 2>/dev/null; done; sync",
-            ],
-        )
-        checksums = guest_checksums(handle.dom)
+        checksums = write_keep_files_and_stop(handle)
         assert len(checksums) == 2, checksums
-        rig.guest_exec(handle.dom, ["/bin/sync"])
-        handle.dom.destroy()
         yield DataGuest(handle, offline_config(workdir / "cfg"), checksums)
     finally:
         rig.destroy_guest(libvirt_conn, spec.domain_name)

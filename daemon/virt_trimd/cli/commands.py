@@ -33,7 +33,7 @@ from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, rend
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import parse_domain_xml
 from virt_trimd.host.measure import Measurer
-from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
+from virt_trimd.records import DomainInfo, Method, SweepSummary, TrimRecord
 from virt_trimd.service import StartupError
 from virt_trimd.units import format_bytes, format_duration, parse_duration, parse_size
 
@@ -201,6 +201,7 @@ def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
         opts = TrimOptions.from_config(
             config, timeout_seconds=limits.timeout_seconds, minimum_bytes=0, dry_run=args.dry_run
         )
+        opts = dataclasses.replace(opts, method=Method.SPARSIFY)
         summary = run_sweep(reclaimer, domains, opts)
     finally:
         hv.close()

@@ -227,6 +227,7 @@ class OfflineReclaimer:
                 schedule=opts.schedule,
                 dry_run=opts.dry_run,
                 method=Method.SPARSIFY,
+                trigger=opts.trigger,
             )
             level = logging.WARNING if result.needs_attention else logging.INFO
             log.log(

@@ -160,6 +160,8 @@ def run_sweep(
                 duration_seconds=0.0,
                 schedule=opts.schedule,
                 dry_run=opts.dry_run,
+                method=opts.method,
+                trigger=opts.trigger,
             )
         finally:
             locks.release(dom.uuid, trimmed_at)
@@ -225,4 +227,6 @@ def _skip(dom: DomainInfo, opts: TrimOptions, message: str) -> TrimRecord:
         duration_seconds=0.0,
         schedule=opts.schedule,
         dry_run=opts.dry_run,
+        method=opts.method,
+        trigger=opts.trigger,
     )

@@ -37,6 +37,7 @@ from virt_trimd.config.model import (
     load_config,
 )
 from virt_trimd.engine.history import History, HistoryError
+from virt_trimd.engine.offline import OfflineReclaimer
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, spread_offset
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.sweep import (
@@ -51,7 +52,7 @@ from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer
-from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
+from virt_trimd.records import DomainInfo, Method, SweepSummary, TrimRecord
 from virt_trimd.service import StartupError
 from virt_trimd.service.notify import Notifier
 from virt_trimd.units import format_bytes, format_duration
@@ -101,6 +102,8 @@ class Daemon:
         self.hv = Hypervisor(config.libvirt_uri)
         self.measurer = Measurer(config.qemu_img)
         self.trimmer = DomainTrimmer(self.hv, self.measurer)
+        # Shared by every schedule: its semaphore bounds virt-sparsify runs host-wide.
+        self.offline = OfflineReclaimer(self.hv, self.trimmer, config.offline)
         self.locks = DomainLocks()
         self.stop_event = threading.Event()
         self.flags = _Flags()
@@ -343,6 +346,9 @@ class Daemon:
         )
         context = SweepContext(locks=self.locks, stop=self.stop_event, on_record=self.record)
         summary = run_sweep(self.trimmer, picked, opts, plan, context)
+        if sched.offline and not self.stop_event.is_set():
+            offline = self._offline_sweep(sched, domains, opts, plan, context)
+            summary = SweepSummary(records=summary.records + offline.records)
         finished = time.time()
         self.state.observe_sweep(sched.name, summary, finished)
         if self.history is not None and not self.stop_event.is_set():
@@ -359,6 +365,29 @@ class Daemon:
         )
         log.info("%s", self._last_summary)
         return summary
+
+    def _offline_sweep(
+        self,
+        sched: ScheduleConfig,
+        domains: list[DomainInfo],
+        opts: TrimOptions,
+        plan: SweepPlan,
+        context: SweepContext,
+    ) -> SweepSummary:
+        """The schedule's shut-off domains, sparsified after its running ones were trimmed.
+
+        Same locks and min_interval as the agent trims (one domain, one reclaim at a
+        time, whichever the method); concurrency and timeout are the offline section's.
+        """
+        shut_off = select_domains(
+            (d for d in domains if not d.running), sched.domains, sched.exclude
+        )
+        log.info("schedule %s: %d shut-off domain(s) match (offline)", sched.name, len(shut_off))
+        offline_plan = dataclasses.replace(
+            plan, concurrency=self.config.offline.concurrency, delay_for=None
+        )
+        offline_opts = dataclasses.replace(opts, method=Method.SPARSIFY)
+        return run_sweep(self.offline, shut_off, offline_opts, offline_plan, context)
 
     def record(self, rec: TrimRecord) -> None:
         """Store one trim: history first (crash safety), then in-memory metrics."""
@@ -497,6 +526,9 @@ class Daemon:
             self.server.apply_web_config(web_config)
         self.config = new
         self.measurer.limits = new.qemu_img
+        if new.offline != old.offline:
+            # A run in progress keeps the old reclaimer (and its slot) until it ends.
+            self.offline = OfflineReclaimer(self.hv, self.trimmer, new.offline)
         if self.scheduler is not None:
             self._install_jobs()
         self.state.set_config_reload(True)

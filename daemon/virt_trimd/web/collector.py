@@ -112,6 +112,23 @@ class TrimdCollector(Collector):
             trims.add_metric([domain, result], value)
         yield trims
 
+        reclaims = CounterMetricFamily(
+            PREFIX + "reclaims",
+            "Trims by how (method: agent or sparsify) and why (trigger: schedule, growth or "
+            "reclaimable), and result; the same events as trims_total.",
+            labels=["domain", "method", "trigger", "result"],
+        )
+        for labels, value in sorted(snap.reclaims_total.items()):
+            reclaims.add_metric(list(labels), value)
+        yield reclaims
+        yield _gauge_by(
+            "trigger_backoff_until_timestamp_seconds",
+            "Growth triggers leave the domain alone until then: its last triggered trim "
+            "could not help (not discard-ready, ineffective or failed).",
+            "domain",
+            snap.trigger_backoff_until_ts,
+        )
+
         hist = snap.trim_duration
         cumulative = 0
         buckets: list[tuple[str, float]] = []
