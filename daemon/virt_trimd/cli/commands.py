@@ -188,7 +188,7 @@ def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
             "virt-sparsify not found: install libguestfs-tools (apt-get install "
             "libguestfs-tools) for offline reclaim"
         )
-    hv = Hypervisor(config.libvirt_uri)
+    hv = _hypervisor(config.libvirt_uri)
     try:
         hv.connect()
         if args.all:
