@@ -327,8 +327,16 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
         how = (
             f"cron {sched.cron!r}"
             if sched.cron
-            else f"every {format_duration(sched.every_seconds or 0)}"
+            else f"every {format_duration(sched.every_seconds)}"
+            if sched.every_seconds is not None
+            else "growth triggers only"
         )
+        if sched.growth_bytes is not None:
+            how += f", growth {format_bytes(sched.growth_bytes)}"
+        if sched.reclaimable_bytes is not None:
+            how += f", reclaimable {format_bytes(sched.reclaimable_bytes)}"
+        if sched.offline:
+            how += ", offline"
         out.write(
             escape_control(
                 f"{sched.name}: {how}, window {format_duration(sched.window_seconds)}, "

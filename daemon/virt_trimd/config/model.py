@@ -128,6 +128,18 @@ class ScheduleConfig:
     minimum_bytes: int
     min_interval_seconds: float
     offline: bool = False  # also sparsify the shut-off domains it matches
+    growth_bytes: int | None = None  # trigger: allocation grew this much since the last trim
+    reclaimable_bytes: int | None = None  # trigger: census measured this much reclaimable
+
+    @property
+    def timed(self) -> bool:
+        """True when the schedule fires on time (cron or every), not only on triggers."""
+        return self.cron is not None or self.every_seconds is not None
+
+    @property
+    def triggered(self) -> bool:
+        """True when a census may fire it for one domain (growth or reclaimable)."""
+        return self.growth_bytes is not None or self.reclaimable_bytes is not None
 
     def matches(self, domain_name: str) -> bool:
         """True if a ``domains`` glob matches the name and no ``exclude`` glob does.
@@ -353,6 +365,8 @@ class _Loader(DocumentLoader):
             minimum_bytes=v["minimum"],
             min_interval_seconds=v["min_interval"],
             offline=bool(v["offline"]),
+            growth_bytes=v["growth"],
+            reclaimable_bytes=v["reclaimable"],
         )
 
 

@@ -47,12 +47,13 @@ from virt_trimd.engine.sweep import (
     run_sweep,
     select_domains,
 )
+from virt_trimd.engine.triggers import Backoff, Due, could_not_help, due
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, guest_used_by_disk
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer
-from virt_trimd.records import DomainInfo, Method, SweepSummary, TrimRecord
+from virt_trimd.records import DomainInfo, Method, Result, SweepSummary, TrimRecord
 from virt_trimd.service import StartupError
 from virt_trimd.service.notify import Notifier
 from virt_trimd.units import format_bytes, format_duration
@@ -105,6 +106,10 @@ class Daemon:
         # Shared by every schedule: its semaphore bounds virt-sparsify runs host-wide.
         self.offline = OfflineReclaimer(self.hv, self.trimmer, config.offline)
         self.locks = DomainLocks()
+        # Growth triggers: allocation after each domain's last successful trim (by UUID),
+        # and the backoff for domains a triggered trim could not help.
+        self.growth_baseline: dict[str, int] = {}
+        self.backoff = Backoff(base_seconds=max(config.census_interval_seconds, 60.0))
         self.stop_event = threading.Event()
         self.flags = _Flags()
         self.history: History | None = None
@@ -234,9 +239,12 @@ class Daemon:
         self.scheduler.remove_all_jobs()
         for sched in self.config.schedules:
             self._sweep_locks.setdefault(sched.name, threading.Lock())
+            trigger = build_trigger(sched, self.tz)
+            if trigger is None:
+                continue  # fires only on growth triggers, at census
             self.scheduler.add_job(
                 self.run_schedule,
-                build_trigger(sched, self.tz),
+                trigger,
                 args=[sched.name],
                 id=f"schedule:{sched.name}",
                 name=sched.name,
@@ -389,6 +397,92 @@ class Daemon:
         offline_opts = dataclasses.replace(opts, method=Method.SPARSIFY)
         return run_sweep(self.offline, shut_off, offline_opts, offline_plan, context)
 
+    def _check_triggers(self, dom: DomainInfo, disks: list[DiskState]) -> None:
+        """At census: start a triggered trim of `dom` if a schedule's growth trigger fires.
+
+        One trigger per domain per census, never while the domain backs off, is inside a
+        min_interval, or while its schedule is sweeping (the sweep trims it anyway). The
+        trim runs in a thread holding the schedule's sweep lock, so shutdown waits for it
+        within shutdown_grace like for a sweep.
+        """
+        measured = [d.allocated_bytes for d in disks if d.allocated_bytes is not None]
+        allocated = sum(measured) if measured else None
+        known = [d.reclaimable_bytes for d in disks if d.reclaimable_bytes is not None]
+        reclaimable = sum(known) if known else None
+        if allocated is not None:
+            # Growth is counted from the first census that saw the domain when no trim
+            # has been seen yet: before that, nothing says what it was.
+            self.growth_baseline.setdefault(dom.uuid, allocated)
+        baseline = self.growth_baseline.get(dom.uuid)
+        now = time.time()
+        for sched in self.config.schedules:
+            if not sched.triggered or not sched.matches(dom.name):
+                continue
+            hit = due(sched, allocated, baseline, reclaimable)
+            if hit is None:
+                continue
+            until = self.backoff.until(dom.uuid, now)
+            if until is not None:
+                log.debug("%s: %s, but backing off until %.0f", dom.name, hit.reason, until)
+                return
+            if self.locks.too_soon(dom.uuid, sched.min_interval_seconds, now) is not None:
+                return
+            lock = self._sweep_locks.setdefault(sched.name, threading.Lock())
+            if self.stop_event.is_set() or not lock.acquire(blocking=False):
+                return
+            log.info(
+                "schedule %s: %s: %s; trimming now",
+                sched.name,
+                dom.name,
+                hit.reason,
+                extra={"DOMAIN": dom.name, "SCHEDULE": sched.name, "TRIGGER": hit.trigger},
+            )
+            threading.Thread(
+                target=self._triggered_trim,
+                args=(sched, dom, hit, lock),
+                name=f"trigger-{sched.name}",
+                daemon=True,
+            ).start()
+            return
+
+    def _triggered_trim(
+        self, sched: ScheduleConfig, dom: DomainInfo, hit: Due, lock: threading.Lock
+    ) -> None:
+        """Trim one domain for a trigger (lock held by the caller), then back off or not."""
+        try:
+            opts = TrimOptions.from_config(
+                self.config,
+                timeout_seconds=sched.timeout_seconds,
+                minimum_bytes=sched.minimum_bytes,
+                schedule=sched.name,
+            )
+            opts = dataclasses.replace(opts, trigger=hit.trigger)
+            plan = SweepPlan(min_interval_seconds=sched.min_interval_seconds)
+            context = SweepContext(locks=self.locks, stop=self.stop_event, on_record=self.record)
+            summary = run_sweep(self.trimmer, [dom], opts, plan, context)
+            threshold = sched.growth_bytes if hit.trigger == "growth" else sched.reclaimable_bytes
+            for rec in summary.records:
+                if rec.result is Result.SKIPPED:
+                    continue
+                why = could_not_help(rec, threshold)
+                if why is None:
+                    self.backoff.helped(dom.uuid)
+                    self.state.set_trigger_backoff(dom.name, None)
+                    continue
+                until = self.backoff.failed(dom.uuid, time.time())
+                self.state.set_trigger_backoff(dom.name, until)
+                log.warning(
+                    "%s: %s; triggers leave it alone until %s",
+                    dom.name,
+                    why,
+                    dt.datetime.fromtimestamp(until, self.tz).isoformat(timespec="seconds"),
+                    extra={"DOMAIN": dom.name, "TRIGGER": hit.trigger},
+                )
+        except Exception:
+            log.exception("triggered trim of %s failed", dom.name)
+        finally:
+            lock.release()
+
     def record(self, rec: TrimRecord) -> None:
         """Store one trim: history first (crash safety), then in-memory metrics."""
         if self.history is not None:
@@ -402,6 +496,10 @@ class Daemon:
             self.state.set_history_ok(False)
         if rec.result.attempted and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
+        if rec.result.agent_answered or (rec.result is Result.SUCCESS and not rec.dry_run):
+            after = [d.allocated_after for d in rec.disks if d.allocated_after is not None]
+            if after and not rec.dry_run:
+                self.growth_baseline[rec.uuid] = sum(after)
         self.state.observe_trim(rec)
 
     def census(
@@ -464,6 +562,8 @@ class Daemon:
                     )
                 )
             self.state.observe_census(dom.name, disks)
+            if dom.running and only is None:
+                self._check_triggers(dom, disks)
         self.measurer.forget(paths)
 
     # -- main loop -----------------------------------------------------------------
@@ -483,7 +583,9 @@ class Daemon:
                 if job.id.startswith("schedule:") and job.next_run_time is not None:
                     next_runs.append(job.next_run_time)
         nxt = min(next_runs).strftime("%Y-%m-%d %H:%M %Z") if next_runs else "none"
-        return f"next run {nxt}; {self._last_summary}"
+        backing_off = self.backoff.active(time.time())
+        tail = f"; {backing_off} domain(s) in trigger backoff" if backing_off else ""
+        return f"next run {nxt}; {self._last_summary}{tail}"
 
     def reload(self) -> None:
         """Validate the config file, then swap; keep the old schedules on any error."""
