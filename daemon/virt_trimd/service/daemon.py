@@ -496,9 +496,15 @@ class Daemon:
             self.state.set_history_ok(False)
         if rec.result.attempted and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
-        if rec.result.agent_answered or (rec.result is Result.SUCCESS and not rec.dry_run):
+        helped = rec.result in (Result.SUCCESS, Result.PARTIAL) and not any(
+            d.effective is False for d in rec.disks
+        )
+        if helped and not rec.dry_run:
+            # Growth counts from the last trim that really gave space back: after an
+            # ineffective one the guest is still as full, and the backoff (not a reset
+            # baseline) is what keeps triggers from firing at every census.
             after = [d.allocated_after for d in rec.disks if d.allocated_after is not None]
-            if after and not rec.dry_run:
+            if after:
                 self.growth_baseline[rec.uuid] = sum(after)
         self.state.observe_trim(rec)
 
