@@ -21,6 +21,8 @@ CONTRACT_SAMPLE_NAMES = {
     "virt_trimd_reclaimed_bytes_total",
     "virt_trimd_reclaims_total",
     "virt_trimd_trigger_backoff_until_timestamp_seconds",
+    "virt_trimd_disk_last_guest_used_bytes",
+    "virt_trimd_disk_last_guest_used_timestamp_seconds",
     "virt_trimd_guest_trimmed_bytes_total",
     "virt_trimd_trims_total",
     "virt_trimd_trim_duration_seconds_bucket",
@@ -72,6 +74,7 @@ def representative_state() -> State:
             DiskState(
                 "web1", "vda", "/img/web1.qcow2", "qcow2", "virtio", "unmap",
                 6 * GIB, 20 * GIB, 7 * GIB, True, None, GIB,
+                last_guest_used_bytes=5 * GIB, last_guest_used_ts=T0 - 600,
             )
         ],
     )  # fmt: skip

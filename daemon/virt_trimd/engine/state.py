@@ -65,6 +65,10 @@ class DiskState:
     discard_ready: bool | None = None
     effective: bool | None = None
     reclaimable_bytes: int | None = None
+    # What the guest last said it uses on this disk, and when (epoch seconds): all that
+    # is known of a shut-off domain, whose agent cannot be asked.
+    last_guest_used_bytes: int | None = None
+    last_guest_used_ts: float | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,8 @@ class State:
             discard_ready=old.discard_ready if old else None,
             effective=_newer(disk.effective, old.effective if old else None),
             reclaimable_bytes=old.reclaimable_bytes if old else None,
+            last_guest_used_bytes=old.last_guest_used_bytes if old else None,
+            last_guest_used_ts=old.last_guest_used_ts if old else None,
         )
 
     def _observe_duration(self, seconds: float) -> None:

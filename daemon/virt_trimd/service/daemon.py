@@ -74,6 +74,8 @@ log = logging.getLogger("virt_trimd.service")
 LOOP_TICK_SECONDS = 1.0
 LIBVIRT_CHECK_SECONDS = 5.0
 MAX_RECONNECT_BACKOFF_SECONDS = 60.0
+# How many of the newest history records seed the last guest-used figures at start.
+LAST_GUEST_USED_RECORDS = 5000
 
 
 @dataclass
@@ -109,6 +111,9 @@ class Daemon:
         # Growth triggers: allocation after each domain's last successful trim (by UUID),
         # and the backoff for domains a triggered trim could not help.
         self.growth_baseline: dict[str, int] = {}
+        # (domain, disk) -> (guest-used bytes, when): the census shows it for shut-off
+        # domains, whose agent cannot be asked; restored from history at start.
+        self.last_guest_used: dict[tuple[str, str], tuple[int, float]] = {}
         self.backoff = Backoff(base_seconds=max(config.census_interval_seconds, 60.0))
         self.stop_event = threading.Event()
         self.flags = _Flags()
@@ -160,7 +165,31 @@ class Daemon:
                         self.locks.release(rec.uuid, rec.finished_ts)
         except HistoryError as exc:
             log.error("cannot read history: %s", exc)
+        self._restore_last_guest_used()
         self.prune_history()
+
+    def _restore_last_guest_used(self) -> None:
+        """Seed last_guest_used from the newest records (bounded read)."""
+        if self.history is None:
+            return
+        try:
+            records = self.history.query(limit=LAST_GUEST_USED_RECORDS)
+        except HistoryError as exc:
+            log.error("cannot read history: %s", exc)
+            return
+        for rec in records:  # oldest first: newer ones overwrite
+            self._note_guest_used(rec)
+
+    def _note_guest_used(self, rec: TrimRecord) -> None:
+        if rec.dry_run:
+            return
+        try:
+            when = rec.finished_ts
+        except ValueError:
+            return
+        for d in rec.disks:
+            if d.guest_used_bytes is not None:
+                self.last_guest_used[(rec.domain, d.disk)] = (d.guest_used_bytes, when)
 
     def _min_interval_horizon(self) -> float:
         """The longest min_interval of any schedule: how far back history must stay."""
@@ -496,6 +525,7 @@ class Daemon:
             self.state.set_history_ok(False)
         if rec.result.attempted and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
+        self._note_guest_used(rec)
         helped = rec.result in (Result.SUCCESS, Result.PARTIAL) and not any(
             d.effective is False for d in rec.disks
         )
@@ -523,7 +553,11 @@ class Daemon:
         domains = self._list_domains()
         if domains is None:
             return
-        if only is not None:
+        if only is None:
+            names = {d.name for d in domains}
+            for key in [k for k in self.last_guest_used if k[0] not in names]:
+                del self.last_guest_used[key]
+        else:
             domains = [d for d in domains if d.name in only]
         paths: set[str] = set()
         for dom in domains:
@@ -548,6 +582,9 @@ class Daemon:
                         log.debug("%s/%s: %s", dom.name, disk.target, exc)
                 allocated = alloc.allocated_bytes if alloc else None
                 guest_used = used.get(disk.target)
+                if guest_used is not None:
+                    self.last_guest_used[(dom.name, disk.target)] = (guest_used, time.time())
+                last_used = self.last_guest_used.get((dom.name, disk.target))
                 disks.append(
                     DiskState(
                         domain=dom.name,
@@ -565,6 +602,8 @@ class Daemon:
                             if allocated is not None and guest_used is not None
                             else None
                         ),
+                        last_guest_used_bytes=last_used[0] if last_used else None,
+                        last_guest_used_ts=last_used[1] if last_used else None,
                     )
                 )
             self.state.observe_census(dom.name, disks)

@@ -188,8 +188,22 @@ class TrimdCollector(Collector):
             "Host bytes the image holds beyond what the guest uses.",
             labels=labels,
         )
+        last_used = GaugeMetricFamily(
+            PREFIX + "disk_last_guest_used_bytes",
+            "What the guest last reported using on the disk (by a trim or a census); for a "
+            "shut-off domain the only guest figure there is. See its _timestamp_seconds.",
+            labels=labels,
+        )
+        last_used_ts = GaugeMetricFamily(
+            PREFIX + "disk_last_guest_used_timestamp_seconds",
+            "When the guest reported disk_last_guest_used_bytes.",
+            labels=labels,
+        )
         for d in snap.disks:
             key = [d.domain, d.disk]
+            if d.last_guest_used_bytes is not None and d.last_guest_used_ts is not None:
+                last_used.add_metric(key, d.last_guest_used_bytes)
+                last_used_ts.add_metric(key, d.last_guest_used_ts)
             info.add_metric(
                 [
                     d.domain,
@@ -214,6 +228,7 @@ class TrimdCollector(Collector):
             if d.reclaimable_bytes is not None:
                 reclaimable.add_metric(key, d.reclaimable_bytes)
         yield from (allocated, virtual, file_bytes, info, ready, effective, reclaimable)
+        yield from (last_used, last_used_ts)
 
     def _daemon_families(self, snap: StateSnapshot) -> Iterator[Metric]:
         yield _gauge_by(
