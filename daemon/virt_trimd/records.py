@@ -130,6 +130,8 @@ class SparsifyLimits:
     cpu_seconds: int = 3600
     nice: int = 10
     environment: tuple[tuple[str, str], ...] = ()
+    memory_bytes: int = 2 << 30  # MemoryMax= of the transient unit (systemd only)
+    runner: str = "auto"  # "auto", "systemd-run" or "subprocess"
 
 
 class Method(enum.StrEnum):

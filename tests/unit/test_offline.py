@@ -21,6 +21,8 @@ from virt_trimd.host.sparsify import (
     parse_trimmed,
     sparsify_argv,
     sparsify_environment,
+    systemd_run_argv,
+    use_systemd_run,
 )
 from virt_trimd.records import (
     AgentChannel,
@@ -238,3 +240,25 @@ def test_records_round_trip_method_and_trigger() -> None:
     old = rec.to_dict()
     del old["method"], old["trigger"]
     assert TrimRecord.from_dict(old).method is Method.AGENT
+
+
+def test_systemd_run_argv_bounds_the_transient_unit() -> None:
+    limits = SparsifyLimits(
+        timeout_seconds=600, memory_bytes=1 << 31, environment=(("LIBGUESTFS_DEBUG", "1"),)
+    )
+    argv = systemd_run_argv("virt-trimd-sparsify-1-1", ("virt-sparsify", "--in-place"), limits)
+    assert argv[:5] == ("systemd-run", "--wait", "--pipe", "--collect", "--service-type=exec")
+    assert "--setenv=LIBGUESTFS_DEBUG=1" in argv and "--setenv=LC_ALL=C" in argv
+    props = {argv[i + 1] for i, a in enumerate(argv) if a == "-p"}
+    assert {"MemoryMax=2147483648", "RuntimeMaxSec=600", "PrivateTmp=yes"} <= props
+    assert argv[-3:] == ("--", "virt-sparsify", "--in-place")
+
+
+def test_runner_choice() -> None:
+    assert use_systemd_run(SparsifyLimits(runner="systemd-run"), {})
+    assert not use_systemd_run(SparsifyLimits(runner="subprocess"), {"INVOCATION_ID": "x"})
+    # auto outside a systemd service (no INVOCATION_ID): a plain child process.
+    assert not use_systemd_run(SparsifyLimits(), {})
+    config = parse_config("offline: {runner: subprocess, memory: 1GiB}")
+    assert config.offline.limits.runner == "subprocess"
+    assert config.offline.limits.memory_bytes == 1 << 30

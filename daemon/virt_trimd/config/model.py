@@ -307,6 +307,8 @@ class _Loader(DocumentLoader):
                     timeout_seconds=top[("offline", "timeout")],
                     cpu_seconds=top[("offline", "cpu_seconds")],
                     nice=top[("offline", "nice")],
+                    memory_bytes=top[("offline", "memory")],
+                    runner=top[("offline", "runner")],
                     environment=tuple(
                         (name, value)
                         for name, _, value in (

@@ -19,6 +19,7 @@ Facts about libguestfs 1.48 (Debian 12) that shape this module:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -93,6 +94,11 @@ class OfflineState:
     has_snapshots: bool = False  # libvirt snapshot metadata (internal or external)
 
 
+_RUNS = itertools.count(1)
+# How much longer than RuntimeMaxSec= to wait for systemd-run before stopping the unit.
+UNIT_STOP_GRACE_SECONDS = 60.0
+
+
 def find_tool() -> str | None:
     """Path of virt-sparsify, or None when libguestfs-tools is not installed."""
     return shutil.which(SPARSIFY_TOOL)
@@ -125,6 +131,49 @@ def limited_argv(argv: Sequence[str], limits: SparsifyLimits) -> tuple[str, ...]
     if prlimit is not None:
         out += [prlimit, f"--cpu={limits.cpu_seconds}"]
     return (*out, *argv)
+
+
+def under_systemd(environ: Mapping[str, str]) -> bool:
+    """True when this process is a systemd service on a host booted with systemd."""
+    return bool(environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
+
+
+def use_systemd_run(limits: SparsifyLimits, environ: Mapping[str, str]) -> bool:
+    """Whether runs go through a transient unit (`offline.runner`; auto: under systemd)."""
+    if limits.runner == "systemd-run":
+        return True
+    if limits.runner == "subprocess":
+        return False
+    return under_systemd(environ) and shutil.which("systemd-run") is not None
+
+
+def systemd_run_argv(unit: str, argv: Sequence[str], limits: SparsifyLimits) -> tuple[str, ...]:
+    """argv that runs `argv` as a transient service outside the daemon's own sandbox.
+
+    The daemon's unit may not write images and forbids W+X memory (TCG needs it) and
+    more than 1 GiB, all of which the appliance needs; the transient unit gets bounds of
+    its own instead. `RuntimeMaxSec=` kills the whole cgroup (the appliance's QEMU
+    too) on timeout, and `PrivateTmp=` takes libguestfs's /tmp sockets with it.
+    """
+    props = [
+        f"MemoryMax={limits.memory_bytes}",
+        f"LimitCPU={limits.cpu_seconds}",
+        f"Nice={limits.nice}",
+        "IOSchedulingClass=idle",
+        f"RuntimeMaxSec={max(1, round(limits.timeout_seconds))}",
+        "KillMode=control-group",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+    ]
+    out = ["systemd-run", "--wait", "--pipe", "--collect", "--service-type=exec"]
+    out += [f"--unit={unit}", "--setenv=LC_ALL=C"]
+    out += [f"--setenv={name}={value}" for name, value in limits.environment]
+    for prop in props:
+        out += ["-p", prop]
+    return (*out, "--", *argv)
 
 
 def sparsify_environment(base: Mapping[str, str], limits: SparsifyLimits) -> dict[str, str]:
@@ -220,7 +269,15 @@ def run_sparsify(
             f"{SPARSIFY_TOOL} not found: install libguestfs-tools "
             "(apt-get install libguestfs-tools) for offline reclaim",
         )
-    argv = limited_argv(sparsify_argv(tool, path, fmt), limits)
+    unit: str | None = None
+    wait_seconds = limits.timeout_seconds
+    if use_systemd_run(limits, os.environ):
+        unit = f"virt-trimd-sparsify-{os.getpid()}-{next(_RUNS)}"
+        argv = systemd_run_argv(unit, sparsify_argv(tool, path, fmt), limits)
+        # RuntimeMaxSec= stops the unit first; this only catches a hung systemd-run.
+        wait_seconds += UNIT_STOP_GRACE_SECONDS
+    else:
+        argv = limited_argv(sparsify_argv(tool, path, fmt), limits)
     env = sparsify_environment(os.environ, limits)
     before = _sockdirs()
     started_wall = time.time()
@@ -238,8 +295,10 @@ def run_sparsify(
     except OSError as exc:
         raise SparsifyError("missing", f"cannot run {tool}: {exc.strerror}") from exc
     try:
-        out, err = proc.communicate(timeout=limits.timeout_seconds)
+        out, err = proc.communicate(timeout=wait_seconds)
     except subprocess.TimeoutExpired:
+        if unit is not None:
+            subprocess.run(["systemctl", "stop", unit], check=False, capture_output=True)
         _stop_group(proc)
         removed = remove_stale_sockdirs(before, started_wall)
         if removed:
@@ -252,6 +311,12 @@ def run_sparsify(
     elapsed = time.monotonic() - started
     stdout, stderr = _read_capped(out), _read_capped(err)
     log.debug("%s: virt-sparsify exit %s in %.1fs", path, proc.returncode, elapsed)
+    if proc.returncode != 0 and unit is not None and "Finished with result: timeout" in stderr:
+        raise SparsifyError(
+            "timeout",
+            f"virt-sparsify on {path} did not finish within {limits.timeout_seconds:g}s; "
+            f"systemd stopped its unit {unit} (offline.timeout)",
+        )
     if proc.returncode != 0:
         lock = image_lock_conflict(path, fmt, qemu_img_limits or QemuImgLimits())
         if lock is not None:
