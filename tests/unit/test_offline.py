@@ -262,3 +262,18 @@ def test_runner_choice() -> None:
     config = parse_config("offline: {runner: subprocess, memory: 1GiB}")
     assert config.offline.limits.runner == "subprocess"
     assert config.offline.limits.memory_bytes == 1 << 30
+
+
+def test_an_image_not_written_since_its_last_sparsify_is_not_booted_again(tmp_path: Path) -> None:
+    dom = _domain(tmp_path)
+    runs: list[str] = []
+    reclaimer = _reclaimer(FakeHypervisor([dom], [OFF]), runs)
+    assert reclaimer.trim(dom, TrimOptions()).result is Result.SUCCESS
+    again = reclaimer.trim(dom, TrimOptions())
+    assert again.result is Result.SKIPPED and "unchanged since" in again.message
+    assert len(runs) == 1
+    path = Path(str(dom.disks[0].source_path))
+    with path.open("r+b") as fh:  # the guest ran and wrote
+        fh.write(os.urandom(4096))
+    assert reclaimer.trim(dom, TrimOptions()).result is Result.SUCCESS
+    assert len(runs) == 2

@@ -209,6 +209,9 @@ class OfflineReclaimer:
         self._lock_probe = hooks.lock_probe
         self._facts = hooks.facts
         self._clock = hooks.clock
+        # path -> the image's stat signature right after we sparsified it: an image not
+        # written since has nothing new to give, and an appliance boot costs ~24 s.
+        self._sparsified: dict[str, tuple[int, ...]] = {}
 
     def trim(self, dom: DomainInfo, opts: TrimOptions) -> TrimRecord:
         """Reclaim one shut-off domain offline and return its record; never raises."""
@@ -309,6 +312,11 @@ class OfflineReclaimer:
                 notes.append(f"{disk.target}: {refusal}")
                 continue
             assert disk.source_path is not None and disk.driver_format is not None
+            if self._unchanged(disk.source_path):
+                reason = "unchanged since the last offline reclaim"
+                records.append(replace(rec, not_measured=f"not sparsified: {reason}"))
+                notes.append(f"{disk.target}: {reason}")
+                continue
             # Re-checked right before each disk: the guest may have been started since.
             stop = self._started(dom)
             if stop is not None:
@@ -343,6 +351,7 @@ class OfflineReclaimer:
                 continue
             after = self._after(rec)
             records.append(after)
+            self._remember(disk.source_path)
             done += 1
             if not run.trimmed:
                 notes.append(f"{disk.target}: virt-sparsify found no filesystem it could trim")
@@ -373,6 +382,22 @@ class OfflineReclaimer:
             for r in measured
             if r.disk not in seen
         ]
+
+    def _signature(self, path: str) -> tuple[int, ...] | None:
+        try:
+            st = self.trimmer.measurer.stat(path)
+        except MeasureError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_blocks, st.st_mtime_ns)
+
+    def _unchanged(self, path: str) -> bool:
+        sig = self._signature(path)
+        return sig is not None and self._sparsified.get(path) == sig
+
+    def _remember(self, path: str) -> None:
+        sig = self._signature(path)
+        if sig is not None:
+            self._sparsified[path] = sig
 
     def _started(self, dom: DomainInfo) -> str | None:
         """Why to stop now (the domain is active, gone, or its state unknown), or None."""
