@@ -246,36 +246,40 @@ def test_guards_refuse_shared_shareable_readonly_backing_overlay_and_snapshots(
     _qemu_img("snapshot", "-c", "s1", str(paths["snap"]))
     names: list[str] = []
     try:
-        names += [
-            _define(libvirt_conn, rig_boot, "sp-shared-a", [paths["shared"]]),
-            _define(libvirt_conn, rig_boot, "sp-shared-b", [paths["shared"]]),
-            _define(libvirt_conn, rig_boot, "sp-shareable", [paths["shareable"]], "<shareable/>"),
-            _define(libvirt_conn, rig_boot, "sp-readonly", [paths["readonly"]], "<readonly/>"),
-            _define(libvirt_conn, rig_boot, "sp-base", [paths["base"]]),
-            _define(libvirt_conn, rig_boot, "sp-overlay", [overlay]),
-            _define(libvirt_conn, rig_boot, "sp-snap", [paths["snap"]]),
-        ]
+        doms = {
+            short: _define(libvirt_conn, rig_boot, short, images, edit)
+            for short, images, edit in (
+                ("sp-shared-a", [paths["shared"]], ""),
+                ("sp-shared-b", [paths["shared"]], ""),
+                ("sp-shareable", [paths["shareable"]], "<shareable/>"),
+                ("sp-readonly", [paths["readonly"]], "<readonly/>"),
+                ("sp-base", [paths["base"]], ""),
+                ("sp-overlay", [overlay], ""),
+                ("sp-snap", [paths["snap"]], ""),
+            )
+        }
+        names += doms.values()
         files = [*paths.values(), overlay]
         sums = {p: sha256(p) for p in files}
         config = offline_config(tmp_path / "cfg")
         code, doc = sparsify_json(config, *names)
         assert code == 0, doc
         expected = {
-            "vtrimd-test-sp-shared-a": "also a disk of domain(s) vtrimd-test-sp-shared-b",
-            "vtrimd-test-sp-shared-b": "also a disk of domain(s) vtrimd-test-sp-shared-a",
-            "vtrimd-test-sp-shareable": "shareable disk",
-            "vtrimd-test-sp-readonly": "read-only disk",
-            "vtrimd-test-sp-base": "backing file of",
-            "vtrimd-test-sp-overlay": "overlay on a backing file",
-            "vtrimd-test-sp-snap": "internal snapshot",
+            "sp-shared-a": f"also a disk of domain(s) {doms['sp-shared-b']}",
+            "sp-shared-b": f"also a disk of domain(s) {doms['sp-shared-a']}",
+            "sp-shareable": "shareable disk",
+            "sp-readonly": "read-only disk",
+            "sp-base": "backing file of",
+            "sp-overlay": "overlay on a backing file",
+            "sp-snap": "internal snapshot",
         }
-        for name, reason in expected.items():
-            rec = record_of(doc, name)
+        for short, reason in expected.items():
+            rec = record_of(doc, doms[short])
             assert rec["result"] == "skipped", rec
             assert reason in rec["message"], rec
             (disk,) = rec["disks"]
             assert disk["not_measured"].startswith("not sparsified: "), disk
-        assert "unused-overlay" in record_of(doc, "vtrimd-test-sp-base")["message"]
+        assert "unused-overlay" in record_of(doc, doms["sp-base"])["message"]
         # The base of a domain's overlay is that overlay's backing file, too.
         assert {p: sha256(p) for p in files} == sums
     finally:
