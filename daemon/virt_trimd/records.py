@@ -71,6 +71,7 @@ class Disk:
     network_protocol: str | None = None  # rbd, nbd, iscsi... for network disks
     backing_chain: tuple[str, ...] = ()  # paths of backing files the XML names
     readonly: bool = False
+    shareable: bool = False  # <shareable/>: several domains may write it at once
 
     @property
     def is_file(self) -> bool:
@@ -118,6 +119,29 @@ class QemuImgLimits:
 
 
 @dataclass(frozen=True)
+class SparsifyLimits:
+    """Bounds for one `virt-sparsify --in-place` run; the config's `offline` section.
+
+    `environment` is extra environment for libguestfs (NAME, VALUE) pairs, e.g.
+    LIBGUESTFS_BACKEND_SETTINGS=force_tcg where KVM hangs the appliance.
+    """
+
+    timeout_seconds: float = 1800.0
+    cpu_seconds: int = 3600
+    nice: int = 10
+    environment: tuple[tuple[str, str], ...] = ()
+    memory_bytes: int = 2 << 30  # MemoryMax= of the transient unit (systemd only)
+    runner: str = "auto"  # "auto", "systemd-run" or "subprocess"
+
+
+class Method(enum.StrEnum):
+    """How a record's space was (to be) reclaimed."""
+
+    AGENT = "agent"  # guest-fstrim through the guest agent of a running domain
+    SPARSIFY = "sparsify"  # virt-sparsify --in-place on a shut-off domain's images
+
+
+@dataclass(frozen=True)
 class FilesystemResult:
     """One entry of guest-fstrim's `paths` array."""
 
@@ -160,6 +184,8 @@ class TrimRecord:
     disks: tuple[DiskRecord, ...] = ()
     schedule: str | None = None
     dry_run: bool = False
+    method: Method = Method.AGENT
+    trigger: str | None = None  # why it ran: None for a schedule's time, "growth", ...
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -193,6 +219,7 @@ class TrimRecord:
         """JSON-ready dict, totals included."""
         out = dataclasses.asdict(self)
         out["result"] = self.result.value
+        out["method"] = self.method.value
         out["reclaimed_bytes"] = self.reclaimed_bytes
         out["guest_trimmed_bytes"] = self.guest_trimmed_bytes
         return out
@@ -219,6 +246,9 @@ class TrimRecord:
             ),
             schedule=data.get("schedule"),
             dry_run=bool(data.get("dry_run", False)),
+            # Records written before offline reclaim existed were all agent trims.
+            method=Method(data.get("method") or Method.AGENT.value),
+            trigger=data.get("trigger"),
         )
 
 

@@ -32,6 +32,7 @@ EXPECTED_ALERTS = {
     "VirtTrimdNoSuccessfulTrim",
     "VirtTrimdDiskNotDiscardReady",
     "VirtTrimdTrimIneffective",
+    "VirtTrimdTriggerBackoff",
     "VirtTrimdLibvirtDown",
     "VirtTrimdConfigReloadFailed",
     "VirtTrimdHistoryNotWritable",

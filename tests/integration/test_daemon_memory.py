@@ -162,3 +162,27 @@ def test_restart_reads_a_zoneless_started_at_as_utc(
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_census_of_a_shut_off_domain_shows_the_last_guest_used_figure_from_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shut-off guest cannot be asked: the census says what the last trim read, and when."""
+    image = tmp_path / "db.raw"
+    with image.open("wb") as f:
+        f.write(b"\1" * (1 << 20))
+    disk = Disk("vda", "virtio", "disk", "file", str(image), "raw", "unmap", None)
+    dom = DomainInfo("db", "u-db", False, (disk,), AgentChannel(True, None))
+    used = DiskRecord("vda", str(image), "raw", "virtio", "unmap", guest_used_bytes=700_000)
+    rec = dataclasses.replace(_record("u-db", Result.SUCCESS, 2.0), domain="db", disks=(used,))
+    with History(tmp_path / "state") as hist:
+        hist.append(rec)
+    daemon = _daemon(tmp_path)
+    daemon.open_history()
+    monkeypatch.setattr(daemon, "_list_domains", lambda: [dom])
+    daemon.census()
+    (state,) = daemon.state.snapshot().disks
+    assert state.allocated_bytes == os.stat(image).st_blocks * 512
+    assert state.reclaimable_bytes is None  # not invented
+    assert state.last_guest_used_bytes == 700_000
+    assert state.last_guest_used_ts == rec.finished_ts

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.records import disk_record, trim_record
 from virt_trimd.engine.state import DiskState, State, StateSnapshot
-from virt_trimd.records import FilesystemResult, Result, SweepSummary
+from virt_trimd.records import FilesystemResult, Method, Result, SweepSummary
 from virt_trimd.web.collector import TrimdCollector
 
 T0 = datetime(2024, 5, 1, 2, 0, tzinfo=UTC).timestamp()
@@ -19,6 +19,10 @@ GIB = 1 << 30
 # The contract with the Grafana dashboard and the alert rules: exact exposed sample names.
 CONTRACT_SAMPLE_NAMES = {
     "virt_trimd_reclaimed_bytes_total",
+    "virt_trimd_reclaims_total",
+    "virt_trimd_trigger_backoff_until_timestamp_seconds",
+    "virt_trimd_disk_last_guest_used_bytes",
+    "virt_trimd_disk_last_guest_used_timestamp_seconds",
     "virt_trimd_guest_trimmed_bytes_total",
     "virt_trimd_trims_total",
     "virt_trimd_trim_duration_seconds_bucket",
@@ -48,6 +52,7 @@ CONTRACT_TYPES = {
     "virt_trimd_reclaimed_bytes_total": "counter",
     "virt_trimd_guest_trimmed_bytes_total": "counter",
     "virt_trimd_trims_total": "counter",
+    "virt_trimd_reclaims_total": "counter",
     "virt_trimd_history_write_errors_total": "counter",
     "virt_trimd_trim_duration_seconds": "histogram",
     "virt_trimd_libvirt_up": "gauge",
@@ -70,6 +75,7 @@ def representative_state() -> State:
             DiskState(
                 "web1", "vda", "/img/web1.qcow2", "qcow2", "virtio", "unmap",
                 6 * GIB, 20 * GIB, 7 * GIB, True, None, GIB,
+                last_guest_used_bytes=5 * GIB, last_guest_used_ts=T0 - 600,
             )
         ],
     )  # fmt: skip
@@ -88,6 +94,7 @@ def representative_state() -> State:
     state.set_libvirt_up(True)
     state.set_config_reload(True, T0 - 60)
     state.set_history_ok(True)
+    state.set_trigger_backoff("web1", T0 + 3600)
     return state
 
 
@@ -330,3 +337,29 @@ def test_unmeasured_disk_is_exported_with_its_reason_and_no_allocation() -> None
     key = {"domain": "db1", "disk": "sda"}
     assert registry.get_sample_value("virt_trimd_disk_allocated_bytes", key) is None
     assert registry.get_sample_value("virt_trimd_reclaimed_bytes_total", key) is None
+
+
+def test_reclaims_counter_tells_method_and_trigger_apart() -> None:
+    state = State()
+    registry = scrape(state)
+    state.observe_trim(trim_record())
+    state.observe_trim(trim_record(method=Method.SPARSIFY))
+    state.observe_trim(trim_record(trigger="growth"))
+    for method, trigger in (("agent", "schedule"), ("sparsify", "schedule"), ("agent", "growth")):
+        labels = {"domain": "web1", "method": method, "trigger": trigger, "result": "success"}
+        assert registry.get_sample_value("virt_trimd_reclaims_total", labels) == 1
+    assert (
+        registry.get_sample_value("virt_trimd_trims_total", {"domain": "web1", "result": "success"})
+        == 3
+    )
+    state.set_trigger_backoff("web1", 1234.0)
+    labels = {"domain": "web1"}
+    assert (
+        registry.get_sample_value("virt_trimd_trigger_backoff_until_timestamp_seconds", labels)
+        == 1234.0
+    )
+    state.set_trigger_backoff("web1", None)
+    assert (
+        registry.get_sample_value("virt_trimd_trigger_backoff_until_timestamp_seconds", labels)
+        is None
+    )

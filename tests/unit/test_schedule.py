@@ -70,11 +70,17 @@ def test_interval_fire_times() -> None:
 def test_build_trigger_kinds() -> None:
     now = dt.datetime(2026, 1, 1, 0, 0, tzinfo=TZ)
     cron = build_trigger(_sched(), TZ)
+    assert cron is not None
     assert cron.get_next_fire_time(None, now) == dt.datetime(2026, 1, 1, 2, 30, tzinfo=TZ)
     every = build_trigger(_sched(cron=None, every_seconds=60), TZ)
+    assert every is not None
     first = every.get_next_fire_time(None, now)
     assert first is not None
     assert every.get_next_fire_time(first, first) - first == dt.timedelta(seconds=60)
+    # Growth triggers only: no time job, no fire times, nothing to catch up.
+    growth_only = _sched(cron=None, every_seconds=None, growth_bytes=1 << 30)
+    assert build_trigger(growth_only, TZ) is None
+    assert list(fire_times(growth_only, TZ, now, 3)) == []
 
 
 def test_catch_up_when_a_run_was_missed() -> None:
@@ -108,6 +114,8 @@ def test_local_timezone_fires_without_warnings() -> None:
     now = dt.datetime.now(tz)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fire = build_trigger(sched, tz).get_next_fire_time(None, now)
+        trigger = build_trigger(sched, tz)
+        assert trigger is not None
+        fire = trigger.get_next_fire_time(None, now)
     assert fire is not None and fire > now
     assert (fire.hour, fire.minute) == (2, 30)

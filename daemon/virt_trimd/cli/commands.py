@@ -32,7 +32,7 @@ from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, rend
 from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import parse_domain_xml
 from virt_trimd.host.measure import Measurer
-from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
+from virt_trimd.records import DomainInfo, Method, SweepSummary, TrimRecord
 from virt_trimd.service import StartupError
 from virt_trimd.units import format_bytes, format_duration, parse_duration, parse_size
 
@@ -173,6 +173,55 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
+def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd sparsify`: offline reclaim (virt-sparsify --in-place) of shut-off domains."""
+    from virt_trimd.engine.offline import OfflineReclaimer  # noqa: PLC0415
+    from virt_trimd.host.sparsify import find_tool  # noqa: PLC0415
+
+    config = _load(args)
+    if not args.all and not args.domains:
+        raise UsageError("name at least one DOMAIN, or pass --all (every shut-off domain)")
+    if args.all and args.domains:
+        raise UsageError("--all and DOMAIN names are mutually exclusive")
+    limits = config.offline.limits
+    if args.timeout is not None:
+        try:
+            timeout = parse_duration(args.timeout)
+        except ValueError as exc:
+            raise UsageError(f"--timeout: {exc}") from exc
+        if timeout <= 0:
+            raise UsageError("--timeout must be positive")
+        limits = dataclasses.replace(limits, timeout_seconds=timeout)
+    if find_tool() is None and not args.dry_run:
+        raise CommandFailed(
+            "virt-sparsify not found: install libguestfs-tools (apt-get install "
+            "libguestfs-tools) for offline reclaim"
+        )
+    hv = _hypervisor(config.libvirt_uri)
+    try:
+        hv.connect()
+        if args.all:
+            domains = sorted((d for d in hv.list_domains() if not d.running), key=lambda d: d.name)
+        else:
+            domains = _resolve_domains(hv, args.domains, all_running=False)
+        measurer = Measurer(config.qemu_img)
+        offline = dataclasses.replace(config.offline, limits=limits, concurrency=1)
+        reclaimer = OfflineReclaimer(hv, DomainTrimmer(hv, measurer), offline)
+        opts = TrimOptions.from_config(
+            config, timeout_seconds=limits.timeout_seconds, minimum_bytes=0, dry_run=args.dry_run
+        )
+        opts = dataclasses.replace(opts, method=Method.SPARSIFY)
+        summary = run_sweep(reclaimer, domains, opts)
+    finally:
+        hv.close()
+    if args.json:
+        json.dump(summary_json(summary), out, indent=2, sort_keys=False)
+        out.write("\n")
+    else:
+        out.write(format_table(summary.records))
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
 def summary_json(summary: SweepSummary) -> dict[str, Any]:
     """The `trim --json` and `run --once --json` document (docs/json.md)."""
     return {
@@ -287,8 +336,16 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
         how = (
             f"cron {sched.cron!r}"
             if sched.cron
-            else f"every {format_duration(sched.every_seconds or 0)}"
+            else f"every {format_duration(sched.every_seconds)}"
+            if sched.every_seconds is not None
+            else "growth triggers only"
         )
+        if sched.growth_bytes is not None:
+            how += f", growth {format_bytes(sched.growth_bytes)}"
+        if sched.reclaimable_bytes is not None:
+            how += f", reclaimable {format_bytes(sched.reclaimable_bytes)}"
+        if sched.offline:
+            how += ", offline"
         out.write(
             escape_control(
                 f"{sched.name}: {how}, window {format_duration(sched.window_seconds)}, "
@@ -489,6 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=1, metavar="N", help="guests trimmed at once (default 1)"
     )
     p.set_defaults(func=cmd_trim)
+
+    p = sub.add_parser(
+        "sparsify", help="reclaim shut-off domains offline with virt-sparsify --in-place"
+    )
+    p.add_argument("domains", nargs="*", metavar="DOMAIN")
+    p.add_argument("--all", action="store_true", help="every shut-off domain")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI (default from config)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration")
+    p.add_argument("--dry-run", action="store_true", help="check and measure only, write nothing")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument(
+        "--timeout", metavar="DURATION", help="per-disk virt-sparsify timeout (default 30m)"
+    )
+    p.set_defaults(func=cmd_sparsify)
 
     p = sub.add_parser("run", help="the daemon (systemd service), or --once for cron")
     p.add_argument(

@@ -415,7 +415,9 @@ class DocumentLoader:
         if kind == "oneOf" and "x-message" in schema:
             if not isinstance(instance, dict):
                 return  # "required" holds for any non-mapping; the type error says enough
-            keys = [sub["required"][0] for sub in error.validator_value]
+            # Alternatives without "required" (a schedule with growth triggers only)
+            # are not keys to name.
+            keys = [sub["required"][0] for sub in error.validator_value if "required" in sub]
             present = [key for key in keys if key in instance]
             if any((*path, key) in self.unreadable for key in keys):
                 return

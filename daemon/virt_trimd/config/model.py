@@ -20,7 +20,7 @@ import fnmatch
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from virt_trimd.config.load import (
     read_document,
 )
 from virt_trimd.config.schema import KeyPath, config_schema, schema_at
-from virt_trimd.records import QemuImgLimits
+from virt_trimd.records import QemuImgLimits, SparsifyLimits
 from virt_trimd.units import format_duration
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "ConfigError",
     "EffectivenessConfig",
     "MetricsConfig",
+    "OfflineConfig",
     "QemuImgLimits",
     "ScheduleConfig",
     "check_file_permissions",
@@ -94,6 +95,14 @@ class EffectivenessConfig:
     residual_ratio: float
 
 
+@dataclass(frozen=True)
+class OfflineConfig:
+    """virt-sparsify runs: their limits, and how many at once across all schedules."""
+
+    limits: SparsifyLimits = field(default_factory=SparsifyLimits)
+    concurrency: int = 1
+
+
 def matches_globs(name: str, include: Sequence[str], exclude: Sequence[str] = ()) -> bool:
     """True if an `include` glob matches `name` and no `exclude` glob does.
 
@@ -118,6 +127,19 @@ class ScheduleConfig:
     timeout_seconds: float
     minimum_bytes: int
     min_interval_seconds: float
+    offline: bool = False  # also sparsify the shut-off domains it matches
+    growth_bytes: int | None = None  # trigger: allocation grew this much since the last trim
+    reclaimable_bytes: int | None = None  # trigger: census measured this much reclaimable
+
+    @property
+    def timed(self) -> bool:
+        """True when the schedule fires on time (cron or every), not only on triggers."""
+        return self.cron is not None or self.every_seconds is not None
+
+    @property
+    def triggered(self) -> bool:
+        """True when a census may fire it for one domain (growth or reclaimable)."""
+        return self.growth_bytes is not None or self.reclaimable_bytes is not None
 
     def matches(self, domain_name: str) -> bool:
         """True if a ``domains`` glob matches the name and no ``exclude`` glob does.
@@ -142,6 +164,7 @@ class Config:
     qemu_img: QemuImgLimits
     schedules: tuple[ScheduleConfig, ...]
     source: Path | None = None
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
 
     @classmethod
     def default(cls) -> Config:
@@ -279,6 +302,22 @@ class _Loader(DocumentLoader):
             ),
             schedules=tuple(schedules),
             source=self.source,
+            offline=OfflineConfig(
+                limits=SparsifyLimits(
+                    timeout_seconds=top[("offline", "timeout")],
+                    cpu_seconds=top[("offline", "cpu_seconds")],
+                    nice=top[("offline", "nice")],
+                    memory_bytes=top[("offline", "memory")],
+                    runner=top[("offline", "runner")],
+                    environment=tuple(
+                        (name, value)
+                        for name, _, value in (
+                            item.partition("=") for item in top[("offline", "environment")] or ()
+                        )
+                    ),
+                ),
+                concurrency=top[("offline", "concurrency")],
+            ),
         )
 
     def _schedule(
@@ -327,6 +366,9 @@ class _Loader(DocumentLoader):
             timeout_seconds=timeout,
             minimum_bytes=v["minimum"],
             min_interval_seconds=v["min_interval"],
+            offline=bool(v["offline"]),
+            growth_bytes=v["growth"],
+            reclaimable_bytes=v["reclaimable"],
         )
 
 

@@ -41,11 +41,15 @@ def local_timezone() -> dt.tzinfo:
     return ZoneInfo(name)
 
 
-def build_trigger(sched: ScheduleConfig, tz: dt.tzinfo) -> BaseTrigger:
-    """The APScheduler trigger for a schedule (cron in host local time, or interval)."""
+def build_trigger(sched: ScheduleConfig, tz: dt.tzinfo) -> BaseTrigger | None:
+    """The APScheduler trigger for a schedule (cron in host local time, or interval).
+
+    None for a schedule that only fires on growth triggers (engine/triggers.py).
+    """
     if sched.cron is not None:
         return make_cron_trigger(sched.cron, tz)
-    assert sched.every_seconds is not None
+    if sched.every_seconds is None:
+        return None
     return IntervalTrigger(seconds=sched.every_seconds, timezone=tz)
 
 
@@ -72,6 +76,8 @@ def fire_times(
             yield after + dt.timedelta(seconds=sched.every_seconds * i)
         return
     trigger = build_trigger(sched, tz)
+    if trigger is None:
+        return
     prev: dt.datetime | None = None
     now = after + dt.timedelta(microseconds=1)
     for _ in range(count):

@@ -67,6 +67,10 @@ class DiskState:
     reclaimable_bytes: int | None = None
     # Why allocated_bytes is unknown (the image cannot be stat'ed, not a file, ...).
     not_measured: str | None = None
+    # What the guest last said it uses on this disk, and when (epoch seconds): all that
+    # is known of a shut-off domain, whose agent cannot be asked.
+    last_guest_used_bytes: int | None = None
+    last_guest_used_ts: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,14 @@ class StateSnapshot:
     config_reload_success_ts: float | None
     history_write_ok: bool
     history_write_errors_total: int
+    # (domain, method, trigger, result): how and why, beside trims_total's result alone.
+    reclaims_total: Mapping[tuple[str, str, str, str], int] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    # domain -> until when growth triggers leave it alone (it could not be helped).
+    trigger_backoff_until_ts: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 class State:
@@ -116,6 +128,8 @@ class State:
         self._reclaimed: dict[tuple[str, str], int] = {}
         self._guest_trimmed: dict[tuple[str, str], int] = {}
         self._trims: dict[tuple[str, str], int] = {}
+        self._reclaims: dict[tuple[str, str, str, str], int] = {}
+        self._backoff: dict[str, float] = {}
         self._duration_counts = [0] * len(DURATION_BUCKETS)
         self._duration_sum = 0.0
         self._last_duration: dict[str, float] = {}
@@ -152,6 +166,8 @@ class State:
         with self._lock:
             key = (domain, record.result.value)
             self._trims[key] = self._trims.get(key, 0) + 1
+            how = (domain, record.method.value, record.trigger or "schedule", record.result.value)
+            self._reclaims[how] = self._reclaims.get(how, 0) + 1
             for fs in record.filesystems:
                 if fs.trimmed_bytes is None:
                     continue  # Windows guests report no size
@@ -210,6 +226,8 @@ class State:
             discard_ready=old.discard_ready if old else None,
             effective=_newer(disk.effective, old.effective if old else None),
             reclaimable_bytes=old.reclaimable_bytes if old else None,
+            last_guest_used_bytes=old.last_guest_used_bytes if old else None,
+            last_guest_used_ts=old.last_guest_used_ts if old else None,
         )
 
     def _observe_duration(self, seconds: float) -> None:
@@ -251,9 +269,19 @@ class State:
             for pairs in (self._reclaimed, self._guest_trimmed, self._trims):
                 for key in [k for k in pairs if k[0] not in keep]:
                     del pairs[key]
-            for by_domain in (self._last_duration, self._last_success, self._disks):
+            for key4 in [k for k in self._reclaims if k[0] not in keep]:
+                del self._reclaims[key4]
+            for by_domain in (self._last_duration, self._last_success, self._disks, self._backoff):
                 for name in [n for n in by_domain if n not in keep]:
                     del by_domain[name]
+
+    def set_trigger_backoff(self, domain: str, until_ts: float | None) -> None:
+        """Growth triggers skip `domain` until `until_ts`; None ends the backoff."""
+        with self._lock:
+            if until_ts is None:
+                self._backoff.pop(domain, None)
+            else:
+                self._backoff[domain] = until_ts
 
     def restore_last_success(self, mapping: Mapping[str, float]) -> None:
         """Seed last-success timestamps (from History at start); a newer value wins."""
@@ -329,6 +357,8 @@ class State:
                 config_reload_success_ts=self._config_success_ts,
                 history_write_ok=self._history_ok,
                 history_write_errors_total=self._history_errors,
+                reclaims_total=MappingProxyType(dict(self._reclaims)),
+                trigger_backoff_until_ts=MappingProxyType(dict(self._backoff)),
             )
 
 

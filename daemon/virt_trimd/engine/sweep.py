@@ -13,13 +13,22 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from virt_trimd.config.model import matches_globs
-from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, utc_now_iso
+from virt_trimd.engine.trim import TrimOptions, utc_now_iso
 from virt_trimd.records import DomainInfo, Result, SweepSummary, TrimRecord
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
 log = logging.getLogger("virt_trimd.sweep")
+
+
+class Reclaimer(Protocol):
+    """What a sweep drives: DomainTrimmer (agent) or engine.offline.OfflineReclaimer."""
+
+    def trim(self, dom: DomainInfo, opts: TrimOptions) -> TrimRecord:
+        """Reclaim one domain; never raises for guest trouble."""
+        ...
 
 
 def select_domains(
@@ -98,7 +107,7 @@ class SweepContext:
 
 
 def run_sweep(
-    trimmer: DomainTrimmer,
+    trimmer: Reclaimer,
     domains: Sequence[DomainInfo],
     opts: TrimOptions,
     plan: SweepPlan | None = None,
@@ -155,6 +164,8 @@ def run_sweep(
                 duration_seconds=0.0,
                 schedule=opts.schedule,
                 dry_run=opts.dry_run,
+                method=opts.method,
+                trigger=opts.trigger,
             )
         finally:
             locks.release(dom.uuid, trimmed_at)
@@ -220,4 +231,6 @@ def _skip(dom: DomainInfo, opts: TrimOptions, message: str) -> TrimRecord:
         duration_seconds=0.0,
         schedule=opts.schedule,
         dry_run=opts.dry_run,
+        method=opts.method,
+        trigger=opts.trigger,
     )

@@ -17,7 +17,15 @@ from virt_trimd.config.model import Config
 from virt_trimd.host.agent import GuestFilesystem, HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.measure import MeasureError, Measurer
-from virt_trimd.records import Disk, DiskRecord, DomainInfo, FilesystemResult, Result, TrimRecord
+from virt_trimd.records import (
+    Disk,
+    DiskRecord,
+    DomainInfo,
+    FilesystemResult,
+    Method,
+    Result,
+    TrimRecord,
+)
 
 if TYPE_CHECKING:
     # Only for annotations: the engine receives a connected Hypervisor and never loads
@@ -45,6 +53,9 @@ class TrimOptions:
     check_block_jobs: bool = True
     min_residual_bytes: int = 64 << 20
     residual_ratio: float = 0.10
+    # Carried into every record, also those the sweep writes itself (skips, errors).
+    method: Method = Method.AGENT
+    trigger: str | None = None  # None: the schedule's time; "growth", "reclaimable"
 
     @classmethod
     def from_config(
@@ -197,6 +208,7 @@ class DomainTrimmer:
                 disks=tuple(disks),
                 schedule=opts.schedule,
                 dry_run=opts.dry_run,
+                trigger=opts.trigger,
             )
             _log_record(record)
             return record

@@ -111,6 +111,7 @@ def _parse_disk(el: ET.Element, scsi_models: dict[str, str | None]) -> Disk:
         network_protocol=protocol,
         backing_chain=_backing_chain(el),
         readonly=el.find("readonly") is not None,
+        shareable=el.find("shareable") is not None,
     )
 
 

@@ -29,6 +29,7 @@ from virt_trimd.host.agent import (
     parse_guest_filesystems,
 )
 from virt_trimd.host.domxml import DomainXMLError, parse_domain_xml
+from virt_trimd.host.sparsify import OfflineState
 from virt_trimd.records import DomainInfo, FilesystemResult
 
 # Logger name kept from the flat layout: operators' journal filters (docs/architecture.md).
@@ -226,6 +227,19 @@ class Hypervisor:
         except HypervisorError as exc:
             return False if exc.outcome is Outcome.NO_DOMAIN else None
 
+    def offline_state(self, uuid: str) -> OfflineState:
+        """State, managed save and snapshot facts of one domain; raises HypervisorError."""
+        dom = self._lookup_uuid(uuid)
+        with self._call("reading domain state"):
+            state, _reason = dom.state(0)
+            return OfflineState(
+                active=bool(dom.isActive()),
+                state=_STATE_NAMES.get(int(state), f"state {state}"),
+                managed_save=bool(dom.hasManagedSaveImage(0)),
+                persistent=bool(dom.isPersistent()),
+                has_snapshots=int(dom.snapshotNum(0)) > 0,
+            )
+
     def _lookup_uuid(self, uuid: str) -> Any:
         conn = self._connection()
         with self._call(f"looking up domain {uuid}"):
@@ -352,6 +366,16 @@ def _call_with_deadline(call: Callable[[], T], timeout_seconds: float, what: str
     return box[0]
 
 
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
 _BLOCK_JOB_NAMES = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "block pull",
     libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "block copy",

@@ -35,6 +35,7 @@ from virt_trimd.config.model import (
     load_config,
 )
 from virt_trimd.engine.history import CensusDomain, History, HistoryError
+from virt_trimd.engine.offline import OfflineReclaimer
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone, spread_offset
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.sweep import (
@@ -44,6 +45,7 @@ from virt_trimd.engine.sweep import (
     run_sweep,
     select_domains,
 )
+from virt_trimd.engine.triggers import Backoff, Due, could_not_help, due
 from virt_trimd.engine.trim import (
     DomainTrimmer,
     TrimOptions,
@@ -54,7 +56,7 @@ from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer
-from virt_trimd.records import DomainInfo, SweepSummary, TrimRecord
+from virt_trimd.records import DomainInfo, Method, Result, SweepSummary, TrimRecord
 from virt_trimd.service import StartupError
 from virt_trimd.service.notify import Notifier
 from virt_trimd.units import format_bytes, format_duration
@@ -75,6 +77,8 @@ log = logging.getLogger("virt_trimd.service")
 LOOP_TICK_SECONDS = 1.0
 LIBVIRT_CHECK_SECONDS = 5.0
 MAX_RECONNECT_BACKOFF_SECONDS = 60.0
+# How many of the newest history records seed the last guest-used figures at start.
+LAST_GUEST_USED_RECORDS = 5000
 
 
 @dataclass
@@ -104,7 +108,16 @@ class Daemon:
         self.hv = Hypervisor(config.libvirt_uri)
         self.measurer = Measurer(config.qemu_img)
         self.trimmer = DomainTrimmer(self.hv, self.measurer)
+        # Shared by every schedule: its semaphore bounds virt-sparsify runs host-wide.
+        self.offline = OfflineReclaimer(self.hv, self.trimmer, config.offline)
         self.locks = DomainLocks()
+        # Growth triggers: allocation after each domain's last successful trim (by UUID),
+        # and the backoff for domains a triggered trim could not help.
+        self.growth_baseline: dict[str, int] = {}
+        # (domain, disk) -> (guest-used bytes, when): the census shows it for shut-off
+        # domains, whose agent cannot be asked; restored from history at start.
+        self.last_guest_used: dict[tuple[str, str], tuple[int, float]] = {}
+        self.backoff = Backoff(base_seconds=max(config.census_interval_seconds, 60.0))
         self.stop_event = threading.Event()
         self.flags = _Flags()
         self.history: History | None = None
@@ -158,7 +171,31 @@ class Daemon:
                         self.locks.release(rec.uuid, rec.finished_ts)
         except HistoryError as exc:
             log.error("cannot read history: %s", exc)
+        self._restore_last_guest_used()
         self.prune_history()
+
+    def _restore_last_guest_used(self) -> None:
+        """Seed last_guest_used from the newest records (bounded read)."""
+        if self.history is None:
+            return
+        try:
+            records = self.history.query(limit=LAST_GUEST_USED_RECORDS)
+        except HistoryError as exc:
+            log.error("cannot read history: %s", exc)
+            return
+        for rec in records:  # oldest first: newer ones overwrite
+            self._note_guest_used(rec)
+
+    def _note_guest_used(self, rec: TrimRecord) -> None:
+        if rec.dry_run:
+            return
+        try:
+            when = rec.finished_ts
+        except ValueError:
+            return
+        for d in rec.disks:
+            if d.guest_used_bytes is not None:
+                self.last_guest_used[(rec.domain, d.disk)] = (d.guest_used_bytes, when)
 
     def _min_interval_horizon(self) -> float:
         """The longest min_interval of any schedule: how far back history must stay."""
@@ -247,9 +284,12 @@ class Daemon:
         self.scheduler.remove_all_jobs()
         for sched in self.config.schedules:
             self._sweep_locks.setdefault(sched.name, threading.Lock())
+            trigger = build_trigger(sched, self.tz)
+            if trigger is None:
+                continue  # fires only on growth triggers, at census
             self.scheduler.add_job(
                 self.run_schedule,
-                build_trigger(sched, self.tz),
+                trigger,
                 args=[sched.name],
                 id=f"schedule:{sched.name}",
                 name=sched.name,
@@ -359,6 +399,9 @@ class Daemon:
         )
         context = SweepContext(locks=self.locks, stop=self.stop_event, on_record=self.record)
         summary = run_sweep(self.trimmer, picked, opts, plan, context)
+        if sched.offline and not self.stop_event.is_set():
+            offline = self._offline_sweep(sched, domains, opts, plan, context)
+            summary = SweepSummary(records=summary.records + offline.records)
         finished = time.time()
         self.state.observe_sweep(sched.name, summary, finished)
         if self.history is not None and not self.stop_event.is_set():
@@ -376,6 +419,115 @@ class Daemon:
         log.info("%s", self._last_summary)
         return summary
 
+    def _offline_sweep(
+        self,
+        sched: ScheduleConfig,
+        domains: list[DomainInfo],
+        opts: TrimOptions,
+        plan: SweepPlan,
+        context: SweepContext,
+    ) -> SweepSummary:
+        """The schedule's shut-off domains, sparsified after its running ones were trimmed.
+
+        Same locks and min_interval as the agent trims (one domain, one reclaim at a
+        time, whichever the method); concurrency and timeout are the offline section's.
+        """
+        shut_off = select_domains(
+            (d for d in domains if not d.running), sched.domains, sched.exclude
+        )
+        log.info("schedule %s: %d shut-off domain(s) match (offline)", sched.name, len(shut_off))
+        offline_plan = dataclasses.replace(
+            plan, concurrency=self.config.offline.concurrency, delay_for=None
+        )
+        offline_opts = dataclasses.replace(opts, method=Method.SPARSIFY)
+        return run_sweep(self.offline, shut_off, offline_opts, offline_plan, context)
+
+    def _check_triggers(self, dom: DomainInfo, disks: list[DiskState]) -> None:
+        """At census: start a triggered trim of `dom` if a schedule's growth trigger fires.
+
+        One trigger per domain per census, never while the domain backs off, is inside a
+        min_interval, or while its schedule is sweeping (the sweep trims it anyway). The
+        trim runs in a thread holding the schedule's sweep lock, so shutdown waits for it
+        within shutdown_grace like for a sweep.
+        """
+        measured = [d.allocated_bytes for d in disks if d.allocated_bytes is not None]
+        allocated = sum(measured) if measured else None
+        known = [d.reclaimable_bytes for d in disks if d.reclaimable_bytes is not None]
+        reclaimable = sum(known) if known else None
+        if allocated is not None:
+            # Growth is counted from the first census that saw the domain when no trim
+            # has been seen yet: before that, nothing says what it was.
+            self.growth_baseline.setdefault(dom.uuid, allocated)
+        baseline = self.growth_baseline.get(dom.uuid)
+        now = time.time()
+        for sched in self.config.schedules:
+            if not sched.triggered or not sched.matches(dom.name):
+                continue
+            hit = due(sched, allocated, baseline, reclaimable)
+            if hit is None:
+                continue
+            until = self.backoff.until(dom.uuid, now)
+            if until is not None:
+                log.debug("%s: %s, but backing off until %.0f", dom.name, hit.reason, until)
+                return
+            if self.locks.too_soon(dom.uuid, sched.min_interval_seconds, now) is not None:
+                return
+            lock = self._sweep_locks.setdefault(sched.name, threading.Lock())
+            if self.stop_event.is_set() or not lock.acquire(blocking=False):
+                return
+            log.info(
+                "schedule %s: %s: %s; trimming now",
+                sched.name,
+                dom.name,
+                hit.reason,
+                extra={"DOMAIN": dom.name, "SCHEDULE": sched.name, "TRIGGER": hit.trigger},
+            )
+            threading.Thread(
+                target=self._triggered_trim,
+                args=(sched, dom, hit, lock),
+                name=f"trigger-{sched.name}",
+                daemon=True,
+            ).start()
+            return
+
+    def _triggered_trim(
+        self, sched: ScheduleConfig, dom: DomainInfo, hit: Due, lock: threading.Lock
+    ) -> None:
+        """Trim one domain for a trigger (lock held by the caller), then back off or not."""
+        try:
+            opts = TrimOptions.from_config(
+                self.config,
+                timeout_seconds=sched.timeout_seconds,
+                minimum_bytes=sched.minimum_bytes,
+                schedule=sched.name,
+            )
+            opts = dataclasses.replace(opts, trigger=hit.trigger)
+            plan = SweepPlan(min_interval_seconds=sched.min_interval_seconds)
+            context = SweepContext(locks=self.locks, stop=self.stop_event, on_record=self.record)
+            summary = run_sweep(self.trimmer, [dom], opts, plan, context)
+            threshold = sched.growth_bytes if hit.trigger == "growth" else sched.reclaimable_bytes
+            for rec in summary.records:
+                if rec.result is Result.SKIPPED:
+                    continue
+                why = could_not_help(rec, threshold)
+                if why is None:
+                    self.backoff.helped(dom.uuid)
+                    self.state.set_trigger_backoff(dom.name, None)
+                    continue
+                until = self.backoff.failed(dom.uuid, time.time())
+                self.state.set_trigger_backoff(dom.name, until)
+                log.warning(
+                    "%s: %s; triggers leave it alone until %s",
+                    dom.name,
+                    why,
+                    dt.datetime.fromtimestamp(until, self.tz).isoformat(timespec="seconds"),
+                    extra={"DOMAIN": dom.name, "TRIGGER": hit.trigger},
+                )
+        except Exception:
+            log.exception("triggered trim of %s failed", dom.name)
+        finally:
+            lock.release()
+
     def record(self, rec: TrimRecord) -> None:
         """Store one trim: history first (crash safety), then in-memory metrics."""
         if self.history is not None:
@@ -389,6 +541,17 @@ class Daemon:
             self.state.set_history_ok(False)
         if rec.result.attempted and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
+        self._note_guest_used(rec)
+        helped = rec.result in (Result.SUCCESS, Result.PARTIAL) and not any(
+            d.effective is False for d in rec.disks
+        )
+        if helped and not rec.dry_run:
+            # Growth counts from the last trim that really gave space back: after an
+            # ineffective one the guest is still as full, and the backoff (not a reset
+            # baseline) is what keeps triggers from firing at every census.
+            after = [d.allocated_after for d in rec.disks if d.allocated_after is not None]
+            if after:
+                self.growth_baseline[rec.uuid] = sum(after)
         self.state.observe_trim(rec)
 
     def _warn_not_measured(self, domain: str, disk: str, reason: str) -> None:
@@ -418,7 +581,11 @@ class Daemon:
         domains = self._list_domains()
         if domains is None:
             return
-        if only is not None:
+        if only is None:
+            names = {d.name for d in domains}
+            for key in [k for k in self.last_guest_used if k[0] not in names]:
+                del self.last_guest_used[key]
+        else:
             domains = [d for d in domains if d.name in only]
         paths: set[str] = set()
         census_ts = time.time()
@@ -449,6 +616,9 @@ class Daemon:
                     reason = unmeasurable_reason(disk)
                 allocated = alloc.allocated_bytes if alloc else None
                 guest_used = used.get(disk.target)
+                if guest_used is not None:
+                    self.last_guest_used[(dom.name, disk.target)] = (guest_used, time.time())
+                last_used = self.last_guest_used.get((dom.name, disk.target))
                 disks.append(
                     DiskState(
                         domain=dom.name,
@@ -467,12 +637,16 @@ class Daemon:
                             else None
                         ),
                         not_measured=reason,
+                        last_guest_used_bytes=last_used[0] if last_used else None,
+                        last_guest_used_ts=last_used[1] if last_used else None,
                     )
                 )
             self.state.observe_census(dom.name, disks)
             seen.append(
                 CensusDomain(dom.name, dom.uuid, dom.running, dom.agent.state, tuple(disks))
             )
+            if dom.running and only is None:
+                self._check_triggers(dom, disks)
         self.measurer.forget(paths)
         self._record_census(census_ts, seen, complete=only is None)
 
@@ -503,7 +677,9 @@ class Daemon:
                 if job.id.startswith("schedule:") and job.next_run_time is not None:
                     next_runs.append(job.next_run_time)
         nxt = min(next_runs).strftime("%Y-%m-%d %H:%M %Z") if next_runs else "none"
-        return f"next run {nxt}; {self._last_summary}"
+        backing_off = self.backoff.active(time.time())
+        tail = f"; {backing_off} domain(s) in trigger backoff" if backing_off else ""
+        return f"next run {nxt}; {self._last_summary}{tail}"
 
     def reload(self) -> None:
         """Validate the config file, then swap; keep the old schedules on any error."""
@@ -546,6 +722,9 @@ class Daemon:
             self.server.apply_web_config(web_config)
         self.config = new
         self.measurer.limits = new.qemu_img
+        if new.offline != old.offline:
+            # A run in progress keeps the old reclaimer (and its slot) until it ends.
+            self.offline = OfflineReclaimer(self.hv, self.trimmer, new.offline)
         if self.scheduler is not None:
             self._install_jobs()
         self.state.set_config_reload(True)

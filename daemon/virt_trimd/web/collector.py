@@ -112,6 +112,23 @@ class TrimdCollector(Collector):
             trims.add_metric([domain, result], value)
         yield trims
 
+        reclaims = CounterMetricFamily(
+            PREFIX + "reclaims",
+            "Trims by how (method: agent or sparsify) and why (trigger: schedule, growth or "
+            "reclaimable), and result; the same events as trims_total.",
+            labels=["domain", "method", "trigger", "result"],
+        )
+        for labels, value in sorted(snap.reclaims_total.items()):
+            reclaims.add_metric(list(labels), value)
+        yield reclaims
+        yield _gauge_by(
+            "trigger_backoff_until_timestamp_seconds",
+            "Growth triggers leave the domain alone until then: its last triggered trim "
+            "could not help (not discard-ready, ineffective or failed).",
+            "domain",
+            snap.trigger_backoff_until_ts,
+        )
+
         hist = snap.trim_duration
         cumulative = 0
         buckets: list[tuple[str, float]] = []
@@ -176,10 +193,24 @@ class TrimdCollector(Collector):
             "1 while the disk's allocation cannot be measured on the host; reason says why.",
             labels=["domain", "disk", "path", "reason"],
         )
+        last_used = GaugeMetricFamily(
+            PREFIX + "disk_last_guest_used_bytes",
+            "What the guest last reported using on the disk (by a trim or a census); for a "
+            "shut-off domain the only guest figure there is. See its _timestamp_seconds.",
+            labels=labels,
+        )
+        last_used_ts = GaugeMetricFamily(
+            PREFIX + "disk_last_guest_used_timestamp_seconds",
+            "When the guest reported disk_last_guest_used_bytes.",
+            labels=labels,
+        )
         for d in snap.disks:
             key = [d.domain, d.disk]
             if d.not_measured is not None:
                 not_measured.add_metric([d.domain, d.disk, d.path or "", d.not_measured[:200]], 1)
+            if d.last_guest_used_bytes is not None and d.last_guest_used_ts is not None:
+                last_used.add_metric(key, d.last_guest_used_bytes)
+                last_used_ts.add_metric(key, d.last_guest_used_ts)
             info.add_metric(
                 [
                     d.domain,
@@ -205,6 +236,7 @@ class TrimdCollector(Collector):
                 reclaimable.add_metric(key, d.reclaimable_bytes)
         yield from (allocated, virtual, file_bytes, info, ready, effective, reclaimable)
         yield not_measured
+        yield from (last_used, last_used_ts)
 
     def _daemon_families(self, snap: StateSnapshot) -> Iterator[Metric]:
         yield _gauge_by(
