@@ -50,6 +50,7 @@ __all__ = [
     "MetricsConfig",
     "QemuImgLimits",
     "ScheduleConfig",
+    "StorageGroupConfig",
     "check_file_permissions",
     "config_schema",
     "example_config_yaml",
@@ -128,6 +129,21 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class StorageGroupConfig:
+    """Hosts sharing one storage; inactive (no name, no members) by default."""
+
+    name: str | None = None
+    members: tuple[str, ...] = ()
+    host: str | None = None  # this host's name in members; None: the hostname
+    at_once: int = 1
+
+    @property
+    def label(self) -> str:
+        """The group's name, "default" when unset: it seeds the ring order."""
+        return self.name or "default"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration; ``source`` is the file it came from, if any."""
 
@@ -142,6 +158,7 @@ class Config:
     qemu_img: QemuImgLimits
     schedules: tuple[ScheduleConfig, ...]
     source: Path | None = None
+    storage_group: StorageGroupConfig = StorageGroupConfig()
 
     @classmethod
     def default(cls) -> Config:
@@ -253,6 +270,12 @@ class _Loader(DocumentLoader):
                     schedules.append(
                         self._schedule(index, document, top[("agent_timeout",)], names)
                     )
+        group = StorageGroupConfig(
+            name=top[("storage_group", "name")],
+            members=tuple(top[("storage_group", "members")] or ()),
+            host=top[("storage_group", "host")],
+            at_once=top[("storage_group", "at_once")] or 1,
+        )
         if self.problems:
             return None
         listen_host, listen_port = top[("metrics", "listen")]
@@ -279,6 +302,7 @@ class _Loader(DocumentLoader):
             ),
             schedules=tuple(schedules),
             source=self.source,
+            storage_group=group,
         )
 
     def _schedule(

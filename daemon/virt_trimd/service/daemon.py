@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -35,8 +35,9 @@ from virt_trimd.config.model import (
     load_config,
 )
 from virt_trimd.engine.history import History, HistoryError
-from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone, spread_offset
+from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone
 from virt_trimd.engine.state import DiskState, State
+from virt_trimd.engine.storage_group import StorageSlot, slot_of, sweep_offsets
 from virt_trimd.engine.sweep import (
     DomainLocks,
     SweepContext,
@@ -303,6 +304,30 @@ class Daemon:
         self.state.retain_domains([d.name for d in domains])
         return domains
 
+    def storage_slot(self) -> StorageSlot | None:
+        """This host's share of its storage group's windows; None outside a group."""
+        group = self.config.storage_group
+        return slot_of(group, group.host or self.hostname)
+
+    def _sweep_offsets(
+        self, schedule: str, picked: Sequence[DomainInfo], window: float
+    ) -> dict[str, float]:
+        slot, offsets = sweep_offsets(
+            self.config.storage_group, self.hostname, schedule, [d.uuid for d in picked], window
+        )
+        if slot is not None:
+            start, length = slot.seconds(window)
+            log.info(
+                "schedule %s: storage group %s, share %d of %d: %.0fs to %.0fs of the window",
+                schedule,
+                slot.group,
+                slot.index + 1,
+                slot.members,
+                start,
+                start + length,
+            )
+        return offsets
+
     def run_schedule(self, name: str, ignore_window: bool = False) -> SweepSummary | None:
         """One sweep of one schedule; never raises."""
         lock = self._sweep_locks.setdefault(name, threading.Lock())
@@ -331,8 +356,12 @@ class Daemon:
         log.info("schedule %s: %d running domain(s) match", sched.name, len(picked))
         window = 0.0 if ignore_window else sched.window_seconds
 
+        # A member of a storage group starts its guests inside its share of the window;
+        # any other host spreads them by their hashes (storage_group.sweep_offsets).
+        offsets = self._sweep_offsets(sched.name, picked, window)
+
         def delay_for(dom: DomainInfo) -> float:
-            return spread_offset(self.hostname, sched.name, dom.uuid, window)
+            return offsets.get(dom.uuid, 0.0)
 
         opts = TrimOptions.from_config(
             self.config,

@@ -1,0 +1,160 @@
+"""Storage groups: disjoint shares of a schedule's window for hosts on one storage.
+
+No coordinator and no messages: every member computes the same layout from the same
+member list. The members are put in a ring order by a stable hash of (group, member),
+which does not depend on how an inventory happens to list them. Member ``r`` of ``n``
+owns the circular stretch of the window that starts at ``frac(r * at_once / n)`` and is
+``at_once / n`` of it long. Those stretches tile the window exactly ``at_once`` times
+over, so at any moment exactly ``at_once`` members are inside their share.
+
+Adding or removing one member keeps the ring order of all the others, so each share
+moves by less than one share's length and still overlaps where it was; a rank taken
+modulo ``n`` (rendezvous or list position) would move most members instead.
+
+Inside its share a member places its guests evenly, in a stable hash order of their
+UUIDs, so a guest keeps its place from one night to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from virt_trimd.config.model import StorageGroupConfig
+from virt_trimd.engine.schedule import spread_offset
+
+__all__ = [
+    "StorageSlot",
+    "group_warnings",
+    "members_digest",
+    "ring_order",
+    "slot_of",
+    "slot_offsets",
+    "sweep_offsets",
+]
+
+
+def _fraction(*parts: str) -> float:
+    """A stable number in [0, 1) from the parts (SHA-256, not Python's salted hash())."""
+    digest = hashlib.sha256("\0".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class StorageSlot:
+    """One member's share of every window of a storage group, as fractions of the window."""
+
+    group: str
+    index: int  # position in the ring order, 0-based
+    members: int
+    at_once: int
+    start_fraction: float
+    length_fraction: float  # 1.0 when at_once >= members: the whole window
+
+    def seconds(self, window_seconds: float) -> tuple[float, float]:
+        """(start, length) of the share inside a window of ``window_seconds``."""
+        return self.start_fraction * window_seconds, self.length_fraction * window_seconds
+
+
+def ring_order(group: str, members: Iterable[str]) -> list[str]:
+    """The members, deduplicated, in the group's stable hash order."""
+    return sorted(set(members), key=lambda m: (_fraction("storage-group", group, m), m))
+
+
+def members_digest(members: Iterable[str]) -> str:
+    """A short fingerprint of the member set; equal on hosts whose inventories agree."""
+    text = "\n".join(sorted(set(members)))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def slot_of(group: StorageGroupConfig, host: str) -> StorageSlot | None:
+    """``host``'s share of the group's windows, or None when it is not a member."""
+    if not group.members:
+        return None
+    order = ring_order(group.label, group.members)
+    if host not in order:
+        return None
+    n = len(order)
+    index = order.index(host)
+    length = min(1.0, group.at_once / n)
+    start = 0.0 if length >= 1.0 else (index * group.at_once / n) % 1.0
+    return StorageSlot(group.label, index, n, group.at_once, start, length)
+
+
+def slot_offsets(
+    slot: StorageSlot,
+    hostname: str,
+    schedule: str,
+    uuids: Sequence[str],
+    window_seconds: float,
+) -> dict[str, float]:
+    """Start offset, in seconds into the window, of each guest (by UUID) in ``slot``.
+
+    The guests are ordered by a hash of (host, schedule, UUID) and placed evenly from
+    the share's start; a share that runs past the window's end continues at its start,
+    which another member left free for it.
+    """
+    if window_seconds <= 0 or not uuids:
+        return dict.fromkeys(uuids, 0.0)
+    start, length = slot.seconds(window_seconds)
+    ordered = sorted(set(uuids), key=lambda u: (_fraction(hostname, schedule, u), u))
+    step = length / len(ordered)
+    return {u: (start + i * step) % window_seconds for i, u in enumerate(ordered)}
+
+
+def sweep_offsets(
+    group: StorageGroupConfig,
+    hostname: str,
+    schedule: str,
+    uuids: Sequence[str],
+    window_seconds: float,
+) -> tuple[StorageSlot | None, dict[str, float]]:
+    """Every guest's start offset for one sweep, and the share it came from.
+
+    The one rule the daemon and the fleet simulation both use: a member of the group
+    places its guests in its share; any other host spreads each guest by its own hash
+    over the whole window (spread_offset), as without a group. ``hostname`` seeds the
+    per-guest hashes; ``group.host`` (when set) is the name looked up in members.
+    """
+    slot = slot_of(group, group.host or hostname) if window_seconds > 0 else None
+    if slot is not None:
+        return slot, slot_offsets(slot, hostname, schedule, uuids, window_seconds)
+    return None, {u: spread_offset(hostname, schedule, u, window_seconds) for u in uuids}
+
+
+def group_warnings(group: StorageGroupConfig, host: str) -> list[str]:
+    """What check-config should say about this host's view of its storage group.
+
+    Only what one host can see: whether it is a member, names that are probably the
+    same host twice, and an at_once that leaves nothing to separate. Inventories that
+    disagree between hosts show in the virt_trimd_storage_group_info metric instead.
+    """
+    if not group.members:
+        return []
+    warnings: list[str] = []
+    if host not in group.members:
+        warnings.append(
+            f"storage_group {group.label}: this host ({host!r}) is not in members, so it "
+            "spreads its guests over the whole window as if there were no group; set "
+            "storage_group.host to its name in members"
+        )
+    seen: dict[str, str] = {}
+    for member in dict.fromkeys(group.members):
+        short = member.split(".", 1)[0].lower()
+        if short in seen:
+            warnings.append(
+                f"storage_group {group.label}: {seen[short]!r} and {member!r} look like the "
+                "same host listed twice; each name gets its own share, so the host would "
+                "trim in one while the other stays empty"
+            )
+        else:
+            seen[short] = member
+    if len(group.members) != len(set(group.members)):
+        warnings.append(f"storage_group {group.label}: members lists a name more than once")
+    if group.at_once >= len(set(group.members)) > 1:
+        warnings.append(
+            f"storage_group {group.label}: at_once {group.at_once} is not less than the "
+            f"{len(set(group.members))} members, so every member may trim at any time"
+        )
+    return warnings
