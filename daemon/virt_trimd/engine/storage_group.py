@@ -11,14 +11,15 @@ Adding or removing one member keeps the ring order of all the others, so each sh
 moves by less than one share's length and still overlaps where it was; a rank taken
 modulo ``n`` (rendezvous or list position) would move most members instead.
 
-Inside its share a member places its guests evenly, in a stable hash order of their
-UUIDs, so a guest keeps its place from one night to the next.
+Inside its share a member lays its guests out in a stable hash order of their UUIDs,
+each with room in proportion to its last trim's duration, so that its sweep fills the
+share and ends with it (see slot_offsets).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from virt_trimd.config.model import StorageGroupConfig
@@ -28,6 +29,7 @@ __all__ = [
     "StorageSlot",
     "group_warnings",
     "members_digest",
+    "overrun_seconds",
     "ring_order",
     "slot_of",
     "slot_offsets",
@@ -88,19 +90,48 @@ def slot_offsets(
     schedule: str,
     uuids: Sequence[str],
     window_seconds: float,
+    expected_seconds: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Start offset, in seconds into the window, of each guest (by UUID) in ``slot``.
 
-    The guests are ordered by a hash of (host, schedule, UUID) and placed evenly from
-    the share's start; a share that runs past the window's end continues at its start,
-    which another member left free for it.
+    The guests are ordered by a hash of (host, schedule, UUID) and laid out from the
+    share's start, each given room in proportion to its expected duration (its last
+    trim; guests never trimmed count as this host's average, and with no history at
+    all every guest gets the same room), scaled so that the layout fills the share
+    exactly. Even spacing would let a long trim run into the next one and the last
+    trims into the next member's share. A host with more work than its share
+    compresses the layout, so its trims overlap up to ``concurrency`` rather than
+    spill over; beyond that they queue (see overrun_seconds). A share that runs past
+    the window's end continues at its start, which another member left free for it.
     """
     if window_seconds <= 0 or not uuids:
         return dict.fromkeys(uuids, 0.0)
     start, length = slot.seconds(window_seconds)
     ordered = sorted(set(uuids), key=lambda u: (_fraction(hostname, schedule, u), u))
-    step = length / len(ordered)
-    return {u: (start + i * step) % window_seconds for i, u in enumerate(ordered)}
+    expected = expected_seconds or {}
+    known = [s for u in ordered if (s := expected.get(u)) is not None and s > 0]
+    fallback = sum(known) / len(known) if known else 1.0
+    # A zero-second trim still gets a start of its own.
+    weights = [max(expected.get(u) or fallback, 1e-3) for u in ordered]
+    stretch = length / sum(weights)
+    offsets: dict[str, float] = {}
+    elapsed = 0.0
+    for uuid, weight in zip(ordered, weights, strict=True):
+        offsets[uuid] = (start + elapsed * stretch) % window_seconds
+        elapsed += weight
+    return offsets
+
+
+def overrun_seconds(
+    slot: StorageSlot,
+    uuids: Iterable[str],
+    window_seconds: float,
+    expected_seconds: Mapping[str, float],
+    concurrency: int = 1,
+) -> float:
+    """How much longer than its share this host's sweep is expected to take (0 if it fits)."""
+    work = sum(expected_seconds.get(u, 0.0) for u in uuids) / max(1, concurrency)
+    return max(0.0, work - slot.seconds(window_seconds)[1])
 
 
 def sweep_offsets(
@@ -109,6 +140,7 @@ def sweep_offsets(
     schedule: str,
     uuids: Sequence[str],
     window_seconds: float,
+    expected_seconds: Mapping[str, float] | None = None,
 ) -> tuple[StorageSlot | None, dict[str, float]]:
     """Every guest's start offset for one sweep, and the share it came from.
 
@@ -119,7 +151,7 @@ def sweep_offsets(
     """
     slot = slot_of(group, group.host or hostname) if window_seconds > 0 else None
     if slot is not None:
-        return slot, slot_offsets(slot, hostname, schedule, uuids, window_seconds)
+        return slot, slot_offsets(slot, hostname, schedule, uuids, window_seconds, expected_seconds)
     return None, {u: spread_offset(hostname, schedule, u, window_seconds) for u in uuids}
 
 

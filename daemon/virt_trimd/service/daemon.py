@@ -37,7 +37,7 @@ from virt_trimd.config.model import (
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone
 from virt_trimd.engine.state import DiskState, State
-from virt_trimd.engine.storage_group import StorageSlot, slot_of, sweep_offsets
+from virt_trimd.engine.storage_group import StorageSlot, overrun_seconds, slot_of, sweep_offsets
 from virt_trimd.engine.sweep import (
     DomainLocks,
     SweepContext,
@@ -310,22 +310,41 @@ class Daemon:
         return slot_of(group, group.host or self.hostname)
 
     def _sweep_offsets(
-        self, schedule: str, picked: Sequence[DomainInfo], window: float
+        self, sched: ScheduleConfig, picked: Sequence[DomainInfo], window: float
     ) -> dict[str, float]:
+        uuids = [d.uuid for d in picked]
         slot, offsets = sweep_offsets(
-            self.config.storage_group, self.hostname, schedule, [d.uuid for d in picked], window
+            self.config.storage_group,
+            self.hostname,
+            sched.name,
+            uuids,
+            window,
+            self.last_duration,
         )
         if slot is not None:
             start, length = slot.seconds(window)
             log.info(
                 "schedule %s: storage group %s, share %d of %d: %.0fs to %.0fs of the window",
-                schedule,
+                sched.name,
                 slot.group,
                 slot.index + 1,
                 slot.members,
                 start,
                 start + length,
             )
+            over = overrun_seconds(slot, uuids, window, self.last_duration, sched.concurrency)
+            if over > 0:
+                log.warning(
+                    "schedule %s: at concurrency %d the last trims of these guests took %.0fs "
+                    "more than this host's %.0fs share of storage group %s, so the sweep "
+                    "will run into other members' shares: raise storage_group.at_once or "
+                    "the schedule's concurrency",
+                    sched.name,
+                    sched.concurrency,
+                    over,
+                    length,
+                    slot.group,
+                )
         return offsets
 
     def run_schedule(self, name: str, ignore_window: bool = False) -> SweepSummary | None:
@@ -358,7 +377,7 @@ class Daemon:
 
         # A member of a storage group starts its guests inside its share of the window;
         # any other host spreads them by their hashes (storage_group.sweep_offsets).
-        offsets = self._sweep_offsets(sched.name, picked, window)
+        offsets = self._sweep_offsets(sched, picked, window)
 
         def delay_for(dom: DomainInfo) -> float:
             return offsets.get(dom.uuid, 0.0)
