@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+
 from ansible.errors import AnsibleConnectionFailure, AnsibleFileNotFound
 from ansible.plugins.connection import ConnectionBase
 
@@ -91,9 +92,7 @@ class Connection(ConnectionBase):  # type: ignore[misc]  # ansible-core ships no
     def fetch_file(self, in_path: str, out_path: str) -> None:
         """Copy a file out of the container."""
         super().fetch_file(in_path, out_path)
-        proc = subprocess.run(
-            [*self._prefix(), "cat", in_path], capture_output=True, check=False
-        )
+        proc = subprocess.run([*self._prefix(), "cat", in_path], capture_output=True, check=False)
         if proc.returncode != 0:
             raise AnsibleFileNotFound(f"fetch {in_path}: {proc.stderr.decode()[-500:]}")
         with open(out_path, "wb") as dest:
