@@ -27,6 +27,7 @@ lint:
 	ruff check daemon tests
 	ruff format --check daemon tests
 	mypy
+	cd deploy/ansible && ansible-lint --offline -q
 
 test: deps lint
 	$(PYTHON) -m pytest tests -v -p no:cacheprovider --durations=15

@@ -1,0 +1,314 @@
+"""A fleet of two hosts: the Ansible role rolls virt-trimd out to booted Debian 12 and
+13 containers, reconfigures them, survives a bad variable; each daemon trims its own
+guest inside its share of one storage group; a real Prometheus sums the fleet.
+
+The two containers, their guests and the daemons are booted once for the module and
+carry the steps in order, as a real rollout would (and to stay inside CI's time).
+Figures are checked against what the product did not compute: the test's own os.stat
+of each image, systemd's unit properties, ansible-playbook's own recap, and the
+shares computed here from the inventory the test wrote.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import rig
+from e2e.prom_helpers import PrometheusProc
+from system.ansible_run import PlayResult, run_playbook, write_inventory
+from system.conftest import Debs, add_libvirt_group, free_port
+from system.debhost import DebianHost, booted, wait_until
+from virt_trimd.config.model import StorageGroupConfig
+from virt_trimd.engine.storage_group import slot_of
+
+CLUSTER = 64 * 1024
+UNIT = "virt-trimd.service"
+CONFIG = "/etc/virt-trimd/config.yaml"
+HISTORY = "/var/lib/virt-trimd/history.sqlite3"
+GROUP = "shared_storage"
+SUITES = ("bookworm", "trixie")
+# Every minute, guests spread over 50 s of it: two members with at_once 1 get 25 s each.
+TRIM_CRON = "* * * * *"
+WINDOW_SECONDS = 50
+FLEET_RULES = Path(__file__).resolve().parents[2] / "config/prometheus/virt-trimd-fleet-rules.yml"
+
+
+@dataclass
+class Member:
+    """One host of the fleet: its container, its guest, its metrics port."""
+
+    host: DebianHost
+    guest: rig.GuestHandle
+    port: int
+    schedule: dict[str, Any]
+    allocated_before: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.scrape().get((name, tuple(sorted(labels.items()))))
+
+    def trims(self) -> list[dict[str, Any]]:
+        """The successful trims in the daemon's history: start and duration."""
+        out = self.host.run(
+            "python3",
+            "-c",
+            "import json,sqlite3,sys; c=sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True);"
+            "print(json.dumps([dict(zip(('domain','started_ts','duration','reclaimed'), r)) "
+            'for r in c.execute("SELECT domain, started_ts, duration_seconds, reclaimed_bytes'
+            " FROM trims WHERE result='success' ORDER BY started_ts\")]))",
+            HISTORY,
+        ).stdout
+        rows: list[dict[str, Any]] = json.loads(out)
+        return rows
+
+
+@dataclass
+class Fleet:
+    """What the steps share: the members, the inventory, the debs, earlier results."""
+
+    members: list[Member]
+    inventory: Path
+    workdir: Path
+    debs: Debs
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def write_inventory(self, **overrides: dict[str, Any]) -> None:
+        """The inventory, with per-host variables replaced by ``overrides[name]``."""
+        host_vars = {
+            m.name: {
+                "virt_trimd_metrics_listen": f"127.0.0.1:{m.port}",
+                "virt_trimd_schedules": [m.schedule],
+                **overrides.get(m.name, {}),
+            }
+            for m in self.members
+        }
+        group_vars = {
+            "virt_trimd_deb": str(self.debs.current),
+            "virt_trimd_storage_group": GROUP,
+            "virt_trimd_storage_group_at_once": 1,
+            "virt_trimd_settings": {"census_interval": "5m"},
+        }
+        write_inventory(
+            self.inventory, [m.host for m in self.members], group_vars, host_vars, GROUP
+        )
+
+    def play(self) -> PlayResult:
+        self.write_inventory()
+        return run_playbook(self.inventory, self.workdir)
+
+    def group(self) -> StorageGroupConfig:
+        """The storage group as the role renders it, computed here from the inventory."""
+        return StorageGroupConfig(GROUP, tuple(sorted(m.name for m in self.members)), None, 1)
+
+
+def _schedule(guest: str, cron: str = "0 3 * * 0", window: str = "1h") -> dict[str, Any]:
+    return {
+        "name": "fleet",
+        "cron": cron,
+        "window": window,
+        "domains": [guest],
+        "timeout": "2m",
+        "min_interval": "1h",
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    debs: Debs,
+    libvirt_conn: libvirt.virConnect,
+    rig_boot: rig.BootFiles,
+    image_root: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Fleet]:
+    """Two booted hosts (Debian 12 and 13), each with a rig guest holding 200 MiB of garbage."""
+    specs = [
+        rig.GuestSpec(f"fleet-{suite}", disks=(rig.DiskSpec(fmt="qcow2", garbage_mib=200),))
+        for suite in SUITES
+    ]
+    for spec in specs:
+        rig.destroy_guest(libvirt_conn, spec.domain_name)
+    workdir = tmp_path_factory.mktemp("fleet")
+    try:
+        guests = rig.start_guests(libvirt_conn, specs, image_root / "fleet", rig_boot)
+        names = [f"vtrimd-test-fleet{i}-{os.getpid()}" for i in range(2)]
+        with (
+            booted(SUITES[0], workdir / "h0", [image_root], names[0]) as h0,
+            booted(SUITES[1], workdir / "h1", [image_root], names[1]) as h1,
+        ):
+            members = []
+            for host, guest in zip((h0, h1), guests, strict=True):
+                add_libvirt_group(host)
+                members.append(Member(host, guest, free_port(), _schedule(guest.name)))
+            yield Fleet(members, workdir / "inventory.yml", workdir, debs)
+    finally:
+        for spec in specs:
+            rig.destroy_guest(libvirt_conn, spec.domain_name)
+
+
+def _assert_ok(result: PlayResult, *hosts: str) -> None:
+    assert result.returncode == 0, result.output[-6000:]
+    assert set(result.recap) == set(hosts), result.recap
+    assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in result.recap.values())
+
+
+def test_first_run_installs_and_starts_both(fleet: Fleet) -> None:
+    result = fleet.play()
+    names = [m.name for m in fleet.members]
+    _assert_ok(result, *names)
+    for member in fleet.members:
+        host = member.host
+        assert result.changed(member.name) > 0
+        version = host.run("virt-trimd", "--version").stdout.strip()
+        assert version == f"virt-trimd {fleet.debs.version}"
+        assert host.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+        host.wait_active(UNIT)
+        # The daemon serves the port the inventory gave it (read at start: the role
+        # restarted it after installing).
+        wait_until(
+            f"{member.name} on port {member.port}",
+            lambda m=member: m.metric("virt_trimd_next_run_timestamp_seconds", schedule="fleet"),
+            60,
+        )
+        slot = slot_of(fleet.group(), member.name)
+        assert slot is not None
+        shown = host.run("virt-trimd", "check-config", "--config", CONFIG).stdout
+        assert f"{member.name}: share {slot.index + 1} of 2" in shown, shown
+    fleet.notes["pids"] = {m.name: m.host.unit(UNIT)["MainPID"] for m in fleet.members}
+
+
+def test_second_run_changes_nothing(fleet: Fleet) -> None:
+    result = fleet.play()
+    _assert_ok(result, *(m.name for m in fleet.members))
+    assert {m.name: result.changed(m.name) for m in fleet.members} == {
+        m.name: 0 for m in fleet.members
+    }, result.output[-4000:]
+    assert {m.name: m.host.unit(UNIT)["MainPID"] for m in fleet.members} == fleet.notes["pids"]
+
+
+def test_changed_variable_reloads_and_each_host_trims_its_own_guest_in_its_share(
+    fleet: Fleet,
+) -> None:
+    """A new schedule is rendered, validated and reloaded (same PID); each daemon then
+    trims its own guest, its counter equals the test's os.stat delta, and the two
+    hosts' trims start inside their own shares and never overlap (at_once 1)."""
+    for member in fleet.members:
+        member.allocated_before = rig.allocated_bytes(member.guest.images[0])
+        member.schedule = _schedule(member.guest.name, TRIM_CRON, f"{WINDOW_SECONDS}s")
+    result = fleet.play()
+    _assert_ok(result, *(m.name for m in fleet.members))
+    assert "RUNNING HANDLER [virt_trimd : Reload virt-trimd]" in result.output
+    assert "RUNNING HANDLER [virt_trimd : Restart virt-trimd]" not in result.output
+    for member in fleet.members:
+        assert result.changed(member.name) == 2, result.output[-4000:]  # file + reload
+        assert member.host.unit(UNIT)["MainPID"] == fleet.notes["pids"][member.name]
+        assert TRIM_CRON in member.host.fs.joinpath(CONFIG.lstrip("/")).read_text()
+
+    deltas: dict[str, int] = {}
+    for member in fleet.members:
+        key = {"domain": member.guest.name, "disk": "sda"}
+        counter = wait_until(
+            f"the trim of {member.guest.name}",
+            lambda m=member, k=key: m.metric("virt_trimd_reclaimed_bytes_total", **k) or None,
+            240,
+            interval_s=1,
+        )
+        after = rig.allocated_bytes(member.guest.images[0])
+        delta = member.allocated_before - after
+        assert delta > 150 * 1024 * 1024, (member.name, member.allocated_before, after)
+        assert abs(float(counter) - delta) <= CLUSTER, (member.name, counter, delta)  # type: ignore[arg-type]
+        deltas[member.name] = delta
+    fleet.notes["deltas"] = deltas
+
+    # The shares, computed here from the inventory, against the daemons' own history.
+    spans = []
+    for member in fleet.members:
+        slot = slot_of(fleet.group(), member.name)
+        assert slot is not None
+        share_start, share_length = slot.seconds(WINDOW_SECONDS)
+        (trim,) = member.trims()
+        started = dt.datetime.fromtimestamp(trim["started_ts"])
+        into_minute = started.second + started.microsecond / 1e6
+        # One guest per host: it is placed at its share's start; listing the domains
+        # and pinging the agent come before the trim's recorded start.
+        assert share_start <= into_minute < share_start + share_length, (
+            member.name,
+            into_minute,
+            share_start,
+            share_length,
+        )
+        spans.append((trim["started_ts"], trim["started_ts"] + trim["duration"]))
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert first_end <= second_start, spans  # at_once 1: never two trims on the storage at once
+
+
+def test_prometheus_sums_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
+    """The real Prometheus scrapes both daemons; the fleet recording rule's total is
+    the sum of the test's own os.stat deltas."""
+    targets = [f"127.0.0.1:{m.port}" for m in fleet.members]
+    prom = PrometheusProc(tmp_path / "prom", "virt-trimd", targets, [FLEET_RULES])
+    try:
+        prom.wait_ready()
+
+        def fleet_total() -> float | None:
+            rows = prom.query('job:virt_trimd_reclaimed_bytes_total:sum{job="virt-trimd"}')
+            return float(rows[0]["value"][1]) if rows else None
+
+        total = wait_until("the fleet total", fleet_total, 60)
+        expected = sum(fleet.notes["deltas"].values())
+        assert abs(float(total) - expected) <= 2 * CLUSTER, (total, expected)  # type: ignore[arg-type]
+        per_host = {
+            r["metric"]["instance"]: float(r["value"][1])
+            for r in prom.query("instance:virt_trimd_disks_not_ready:count")
+        }
+        assert per_host == dict.fromkeys(targets, 0.0), per_host
+        up = prom.query('count(up{job="virt-trimd"} == 1)')
+        assert float(up[0]["value"][1]) == 2
+    finally:
+        prom.stop()
+
+
+def test_invalid_variable_fails_at_validation_and_the_service_keeps_its_schedules(
+    fleet: Fleet,
+) -> None:
+    bad, good = fleet.members
+    config_before = bad.host.fs.joinpath(CONFIG.lstrip("/")).read_bytes()
+    bad.schedule = {**bad.schedule, "concurrency": "many"}
+    result = fleet.play()
+    assert result.returncode != 0
+    assert result.recap[bad.name]["failed"] == 1
+    assert result.recap[good.name] == {**result.recap[good.name], "failed": 0, "changed": 0}
+    # check-config's message, with the rendered file's line, in the play's output.
+    assert re.search(r":\d+: schedules\[0\]\.concurrency: expected an integer", result.output), (
+        result.output[-4000:]
+    )
+    assert bad.host.fs.joinpath(CONFIG.lstrip("/")).read_bytes() == config_before
+    props = bad.host.unit(UNIT)
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running")
+    assert props["MainPID"] == fleet.notes["pids"][bad.name]
+    assert bad.metric("virt_trimd_next_run_timestamp_seconds", schedule="fleet") is not None
+    assert bad.metric("virt_trimd_config_last_reload_successful") == 1
