@@ -176,6 +176,9 @@ def test_check_config_shows_the_share_and_warns_but_passes(
     out = io.StringIO()
     assert main(["check-config", "--config", str(path)], out=out) == EXIT_OK
     assert "hv03: share " in out.getvalue() and "of 4, from" in out.getvalue()
+    path.write_text(path.read_text() + "schedules:\n  - {name: often, every: 1h, window: 30m}\n")
+    assert main(["check-config", "--config", str(path)], out=io.StringIO()) == EXIT_OK
+    assert "schedule often uses every:" in capsys.readouterr().err
     path.write_text(path.read_text().replace("name: ceph-a", "name: 'x y'"))
     assert main(["check-config", "--config", str(path)], out=io.StringIO()) == EXIT_USAGE
 

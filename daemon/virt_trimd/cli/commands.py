@@ -256,8 +256,17 @@ def _describe_storage_group(config: Config, out: TextIO) -> None:
         )
         + "\n"
     )
-    for warning in group_warnings(group, host):
-        log.warning("%s", warning)
+    warnings = group_warnings(group, host)
+    # Shares are fractions of each run's window; an interval counts from each daemon's
+    # own start, so members' windows do not line up.
+    warnings += [
+        f"storage_group {group.label}: schedule {s.name} uses every:, whose windows start "
+        "when each daemon started, so the members' shares do not line up; use cron"
+        for s in config.schedules
+        if s.every_seconds is not None and s.window_seconds > 0
+    ]
+    for warning in warnings:
+        log.warning("%s", escape_control(warning))
 
 
 # -- run / schedules / history -----------------------------------------------------
