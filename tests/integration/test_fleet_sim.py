@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sim.fleet import NOISES, main, markdown_table, share_violations, simulate
+from sim.fleet import NOISES, Night, main, markdown_table, share_violations, simulate
 from virt_trimd.config.model import StorageGroupConfig
 
 
 def test_same_cron_without_spreading_starts_every_host_at_once() -> None:
-    same, _, _ = simulate(3, 4, concurrency=2, noise=0.0)
+    same, _, _ = simulate(3, 4, Night(concurrency=2, noise=0.0))
     assert same.strategy == "same-cron"
     assert same.peak == 3 * 2
     assert min(t.start_seconds for t in same.trims) == 0.0
@@ -15,7 +15,7 @@ def test_same_cron_without_spreading_starts_every_host_at_once() -> None:
 
 def test_storage_group_trims_start_inside_their_shares() -> None:
     for noise in NOISES:
-        outcomes = simulate(10, 20, concurrency=2, noise=noise)
+        outcomes = simulate(10, 20, Night(concurrency=2, noise=noise))
         group_night = outcomes[-1]
         assert group_night.strategy == "storage-group" and group_night.at_once is not None
         group = StorageGroupConfig(

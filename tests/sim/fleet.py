@@ -19,6 +19,7 @@ plans with yesterday's numbers and pays for today's. Seeded: the tables repeat.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from virt_trimd.config.model import StorageGroupConfig
-from virt_trimd.engine.storage_group import slot_of, sweep_offsets
+from virt_trimd.engine.storage_group import SweepLayout, slot_of, sweep_offsets
 from virt_trimd.engine.sweep import start_order
 from virt_trimd.records import AgentChannel, DomainInfo
 
@@ -83,21 +84,30 @@ def _domains(host: str, count: int) -> list[DomainInfo]:
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Night:
+    """The night's settings, the same for every host."""
+
+    window_seconds: float = 3600.0
+    concurrency: int = 2  # the schedule's workers per host
+    noise: float = 0.25  # night-to-night sigma of each guest's trim duration
+    seed: int = 13
+
+
 def host_sweep(
     group: StorageGroupConfig,
     host: str,
     expected: dict[str, float],
     durations: dict[str, float],
-    window_seconds: float,
-    concurrency: int,
+    night: Night,
 ) -> list[Trim]:
     """One host's sweep as run_sweep would run it: planned with ``expected`` (last
     night's seconds by UUID), run with ``durations`` (tonight's)."""
     domains = _domains(host, len(durations))
-    _, offsets = sweep_offsets(
-        group, host, SCHEDULE, [d.uuid for d in domains], window_seconds, expected
-    )
+    layout = SweepLayout(host, SCHEDULE, [d.uuid for d in domains], night.window_seconds, expected)
+    _, offsets = sweep_offsets(group, layout)
     order = start_order(domains, lambda d: offsets[d.uuid], lambda d: expected[d.uuid])
+    concurrency = night.concurrency
     free_at = [0.0] * max(1, concurrency)  # a heap of when each worker is next free
     trims: list[Trim] = []
     for dom in order:
@@ -148,13 +158,12 @@ def at_once_for(ideal: float) -> int:
 def simulate(
     hosts: int,
     guests_per_host: int,
-    window_seconds: float = 3600.0,
-    concurrency: int = 2,
-    noise: float = 0.25,
-    seed: int = 13,
+    night: Night | None = None,
     strategies: Sequence[str] = STRATEGIES,
 ) -> list[Outcome]:
     """Every strategy over the same hosts, guests and durations."""
+    night = night or Night()
+    window_seconds, noise, seed = night.window_seconds, night.noise, night.seed
     rng = random.Random(seed)
     names = [f"hv{i:03d}" for i in range(hosts)]
     expected = {
@@ -172,16 +181,13 @@ def simulate(
     outcomes = []
     for strategy in strategies:
         window = 0.0 if strategy == "same-cron" else window_seconds
+        tonight = dataclasses.replace(night, window_seconds=window)
         at_once: int | None = None
         group = StorageGroupConfig()
         if strategy == "storage-group":
             at_once = at_once_for(ideal)
             group = StorageGroupConfig(name="shared", members=tuple(names), at_once=at_once)
-        trims = [
-            t
-            for h in names
-            for t in host_sweep(group, h, expected[h], durations[h], window, concurrency)
-        ]
+        trims = [t for h in names for t in host_sweep(group, h, expected[h], durations[h], tonight)]
         peak, p99, span = concurrency_profile(trims)
         late = {t.host for t in trims if t.start_seconds > window_seconds}
         overrun = {t.host for t in trims if t.end_seconds > window_seconds}
@@ -243,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     for m in (20, 40)]  # fmt: skip
     for noise in NOISES:
         outcomes = [
-            o for n, m in sizes for o in simulate(n, m, args.window, args.concurrency, noise)
+            o for n, m in sizes for o in simulate(n, m, Night(args.window, args.concurrency, noise))
         ]
         print(
             f"\nWindow {args.window / 60:g} min, concurrency {args.concurrency} per host, "

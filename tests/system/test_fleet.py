@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import rig
 from e2e.prom_helpers import PrometheusProc
+from support.files import free_port
 from system.ansible_run import PlayResult, run_playbook, write_inventory
-from system.conftest import Debs, add_libvirt_group, free_port
+from system.conftest import Debs, add_libvirt_group
 from system.debhost import DebianHost, booted, wait_until
 from virt_trimd.config.model import StorageGroupConfig
 from virt_trimd.engine.storage_group import slot_of

@@ -14,8 +14,10 @@ from virt_trimd.config.model import ConfigError, StorageGroupConfig, load_config
 from virt_trimd.engine.schedule import spread_offset
 from virt_trimd.engine.storage_group import (
     StorageSlot,
+    SweepLayout,
     group_warnings,
     members_digest,
+    overrun_seconds,
     ring_order,
     slot_of,
     slot_offsets,
@@ -90,8 +92,9 @@ def test_guests_are_placed_evenly_inside_the_share_and_keep_their_place() -> Non
     slot = slot_of(group, "hv002")
     assert slot is not None
     uuids = [f"uuid-{i}" for i in range(10)]
-    offsets = slot_offsets(slot, "hv002", "nightly", uuids, 3600)
-    assert offsets == slot_offsets(slot, "hv002", "nightly", list(reversed(uuids)), 3600)
+    offsets = slot_offsets(slot, SweepLayout("hv002", "nightly", uuids, 3600))
+    backwards = SweepLayout("hv002", "nightly", list(reversed(uuids)), 3600)
+    assert offsets == slot_offsets(slot, backwards)
     start, length = slot.seconds(3600)
     assert length == 900
     assert all(_covers(slot, o / 3600) for o in offsets.values())
@@ -101,14 +104,14 @@ def test_guests_are_placed_evenly_inside_the_share_and_keep_their_place() -> Non
 
 def test_a_share_that_wraps_continues_at_the_window_start() -> None:
     slot = StorageSlot("g", 1, 3, 2, start_fraction=2 / 3, length_fraction=2 / 3)
-    offsets = slot_offsets(slot, "h", "s", ["a", "b", "c", "d"], 3000)
+    offsets = slot_offsets(slot, SweepLayout("h", "s", ["a", "b", "c", "d"], 3000))
     assert sorted(offsets.values()) == pytest.approx([0.0, 500.0, 2000.0, 2500.0])
 
 
 def test_without_a_window_everything_starts_at_once() -> None:
     slot = slot_of(_group(HOSTS[:2]), "hv000")
     assert slot is not None
-    assert slot_offsets(slot, "hv000", "s", ["a", "b"], 0) == {"a": 0.0, "b": 0.0}
+    assert slot_offsets(slot, SweepLayout("hv000", "s", ["a", "b"], 0)) == {"a": 0.0, "b": 0.0}
 
 
 def test_warnings_for_what_one_host_can_see() -> None:
@@ -186,15 +189,35 @@ def test_check_config_shows_the_share_and_warns_but_passes(
 def test_sweep_offsets_fall_back_to_per_host_spreading_outside_the_group() -> None:
     uuids = [f"uuid-{i}" for i in range(5)]
     group = _group(["hv01", "hv02"])
-    slot, offsets = sweep_offsets(group, "elsewhere", "nightly", uuids, 3600)
+    slot, offsets = sweep_offsets(group, SweepLayout("elsewhere", "nightly", uuids, 3600))
     assert slot is None
     assert offsets == {u: spread_offset("elsewhere", "nightly", u, 3600) for u in uuids}
-    slot, offsets = sweep_offsets(group, "hv01", "nightly", uuids, 3600)
+    slot, offsets = sweep_offsets(group, SweepLayout("hv01", "nightly", uuids, 3600))
     assert slot is not None and slot == slot_of(group, "hv01")
-    assert offsets == slot_offsets(slot, "hv01", "nightly", uuids, 3600)
+    assert offsets == slot_offsets(slot, SweepLayout("hv01", "nightly", uuids, 3600))
     # storage_group.host names this host in members when its hostname differs.
     renamed = dataclasses.replace(group, host="hv02")
-    slot, _ = sweep_offsets(renamed, "node-7.local", "nightly", uuids, 3600)
+    slot, _ = sweep_offsets(renamed, SweepLayout("node-7.local", "nightly", uuids, 3600))
     assert slot == slot_of(group, "hv02")
     # Without a window nothing is spread, in or out of a group.
-    assert sweep_offsets(group, "hv01", "nightly", uuids, 0) == (None, dict.fromkeys(uuids, 0.0))
+    assert sweep_offsets(group, SweepLayout("hv01", "nightly", uuids, 0)) == (
+        None,
+        dict.fromkeys(uuids, 0.0),
+    )
+
+
+def test_guests_get_room_in_proportion_to_their_last_trim() -> None:
+    slot = StorageSlot("g", 0, 2, 1, start_fraction=0.0, length_fraction=0.5)
+    layout = SweepLayout("h", "s", ["a", "b", "c"], 1200, {"a": 10.0, "b": 30.0})
+    offsets = slot_offsets(slot, layout)
+    order = sorted(offsets, key=offsets.__getitem__)
+    room = {
+        u: later - offsets[u]
+        for u, later in zip(order, [offsets[u] for u in order[1:]] + [600.0], strict=True)
+    }
+    # c has no history and counts as the average (20 s); the share (600 s) is filled.
+    assert room == pytest.approx({"a": 100.0, "b": 300.0, "c": 200.0})
+    assert overrun_seconds(slot, layout) == 0.0
+    busy = SweepLayout("h", "s", ["a", "b"], 1200, {"a": 400.0, "b": 500.0})
+    assert overrun_seconds(slot, busy) == pytest.approx(300.0)
+    assert overrun_seconds(slot, busy, concurrency=2) == 0.0

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from virt_trimd.config.model import StorageGroupConfig
 from virt_trimd.engine.schedule import spread_offset
 
 __all__ = [
     "StorageSlot",
+    "SweepLayout",
     "group_warnings",
     "members_digest",
     "overrun_seconds",
@@ -84,14 +85,22 @@ def slot_of(group: StorageGroupConfig, host: str) -> StorageSlot | None:
     return StorageSlot(group.label, index, n, group.at_once, start, length)
 
 
-def slot_offsets(
-    slot: StorageSlot,
-    hostname: str,
-    schedule: str,
-    uuids: Sequence[str],
-    window_seconds: float,
-    expected_seconds: Mapping[str, float] | None = None,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class SweepLayout:
+    """What placing one sweep's guests needs: who, which schedule, which guests, how long.
+
+    ``expected_seconds`` maps UUIDs to their last trim's duration (the daemon's
+    last_duration); guests missing from it have no history yet.
+    """
+
+    hostname: str
+    schedule: str
+    uuids: Sequence[str]
+    window_seconds: float
+    expected_seconds: Mapping[str, float] = field(default_factory=dict)
+
+
+def slot_offsets(slot: StorageSlot, layout: SweepLayout) -> dict[str, float]:
     """Start offset, in seconds into the window, of each guest (by UUID) in ``slot``.
 
     The guests are ordered by a hash of (host, schedule, UUID) and laid out from the
@@ -100,15 +109,18 @@ def slot_offsets(
     all every guest gets the same room), scaled so that the layout fills the share
     exactly. Even spacing would let a long trim run into the next one and the last
     trims into the next member's share. A host with more work than its share
-    compresses the layout, so its trims overlap up to ``concurrency`` rather than
-    spill over; beyond that they queue (see overrun_seconds). A share that runs past
-    the window's end continues at its start, which another member left free for it.
+    compresses the layout, so its trims overlap up to the schedule's concurrency
+    rather than spill over; beyond that they queue (see overrun_seconds). A share that
+    runs past the window's end continues at its start, which another member left free.
     """
-    if window_seconds <= 0 or not uuids:
-        return dict.fromkeys(uuids, 0.0)
-    start, length = slot.seconds(window_seconds)
-    ordered = sorted(set(uuids), key=lambda u: (_fraction(hostname, schedule, u), u))
-    expected = expected_seconds or {}
+    window = layout.window_seconds
+    if window <= 0 or not layout.uuids:
+        return dict.fromkeys(layout.uuids, 0.0)
+    start, length = slot.seconds(window)
+    ordered = sorted(
+        set(layout.uuids), key=lambda u: (_fraction(layout.hostname, layout.schedule, u), u)
+    )
+    expected = layout.expected_seconds
     known = [s for u in ordered if (s := expected.get(u)) is not None and s > 0]
     fallback = sum(known) / len(known) if known else 1.0
     # A zero-second trim still gets a start of its own.
@@ -117,42 +129,35 @@ def slot_offsets(
     offsets: dict[str, float] = {}
     elapsed = 0.0
     for uuid, weight in zip(ordered, weights, strict=True):
-        offsets[uuid] = (start + elapsed * stretch) % window_seconds
+        offsets[uuid] = (start + elapsed * stretch) % window
         elapsed += weight
     return offsets
 
 
-def overrun_seconds(
-    slot: StorageSlot,
-    uuids: Iterable[str],
-    window_seconds: float,
-    expected_seconds: Mapping[str, float],
-    concurrency: int = 1,
-) -> float:
+def overrun_seconds(slot: StorageSlot, layout: SweepLayout, concurrency: int = 1) -> float:
     """How much longer than its share this host's sweep is expected to take (0 if it fits)."""
-    work = sum(expected_seconds.get(u, 0.0) for u in uuids) / max(1, concurrency)
-    return max(0.0, work - slot.seconds(window_seconds)[1])
+    work = sum(layout.expected_seconds.get(u, 0.0) for u in layout.uuids) / max(1, concurrency)
+    return max(0.0, work - slot.seconds(layout.window_seconds)[1])
 
 
 def sweep_offsets(
-    group: StorageGroupConfig,
-    hostname: str,
-    schedule: str,
-    uuids: Sequence[str],
-    window_seconds: float,
-    expected_seconds: Mapping[str, float] | None = None,
+    group: StorageGroupConfig, layout: SweepLayout
 ) -> tuple[StorageSlot | None, dict[str, float]]:
     """Every guest's start offset for one sweep, and the share it came from.
 
     The one rule the daemon and the fleet simulation both use: a member of the group
     places its guests in its share; any other host spreads each guest by its own hash
-    over the whole window (spread_offset), as without a group. ``hostname`` seeds the
-    per-guest hashes; ``group.host`` (when set) is the name looked up in members.
+    over the whole window (spread_offset), as without a group. ``layout.hostname``
+    seeds the per-guest hashes; ``group.host`` (when set) is the name looked up in
+    members.
     """
-    slot = slot_of(group, group.host or hostname) if window_seconds > 0 else None
+    window = layout.window_seconds
+    slot = slot_of(group, group.host or layout.hostname) if window > 0 else None
     if slot is not None:
-        return slot, slot_offsets(slot, hostname, schedule, uuids, window_seconds, expected_seconds)
-    return None, {u: spread_offset(hostname, schedule, u, window_seconds) for u in uuids}
+        return slot, slot_offsets(slot, layout)
+    return None, {
+        u: spread_offset(layout.hostname, layout.schedule, u, window) for u in layout.uuids
+    }
 
 
 def group_warnings(group: StorageGroupConfig, host: str) -> list[str]:

@@ -37,7 +37,13 @@ from virt_trimd.config.model import (
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone
 from virt_trimd.engine.state import DiskState, State
-from virt_trimd.engine.storage_group import StorageSlot, overrun_seconds, slot_of, sweep_offsets
+from virt_trimd.engine.storage_group import (
+    StorageSlot,
+    SweepLayout,
+    overrun_seconds,
+    slot_of,
+    sweep_offsets,
+)
 from virt_trimd.engine.sweep import (
     DomainLocks,
     SweepContext,
@@ -312,15 +318,10 @@ class Daemon:
     def _sweep_offsets(
         self, sched: ScheduleConfig, picked: Sequence[DomainInfo], window: float
     ) -> dict[str, float]:
-        uuids = [d.uuid for d in picked]
-        slot, offsets = sweep_offsets(
-            self.config.storage_group,
-            self.hostname,
-            sched.name,
-            uuids,
-            window,
-            self.last_duration,
+        layout = SweepLayout(
+            self.hostname, sched.name, [d.uuid for d in picked], window, self.last_duration
         )
+        slot, offsets = sweep_offsets(self.config.storage_group, layout)
         if slot is not None:
             start, length = slot.seconds(window)
             log.info(
@@ -332,7 +333,7 @@ class Daemon:
                 start,
                 start + length,
             )
-            over = overrun_seconds(slot, uuids, window, self.last_duration, sched.concurrency)
+            over = overrun_seconds(slot, layout, sched.concurrency)
             if over > 0:
                 log.warning(
                     "schedule %s: at concurrency %d the last trims of these guests took %.0fs "
