@@ -11,10 +11,15 @@ FLEET_RULES = ROOT / "config" / "prometheus" / "virt-trimd-fleet-rules.yml"
 FLEET_TESTS = ROOT / "config" / "prometheus" / "virt-trimd-fleet-rules.test.yml"
 
 
-def _records() -> dict[str, str]:
+def _rules() -> list[dict[str, str]]:
     (group,) = yaml.safe_load(FLEET_RULES.read_text())["groups"]
     assert group["name"] == "virt-trimd-fleet"
-    return {r["record"]: r["expr"] for r in group["rules"]}
+    rules: list[dict[str, str]] = group["rules"]
+    return rules
+
+
+def _records() -> dict[str, str]:
+    return {r["record"]: r["expr"] for r in _rules() if "record" in r}
 
 
 def test_promtool_checks_and_tests_the_fleet_rules() -> None:
@@ -40,3 +45,14 @@ def test_every_record_is_tested_and_named_by_its_level() -> None:
 def test_fleet_rules_use_only_contract_metrics() -> None:
     names = rules_metric_names(FLEET_RULES) - set(_records())
     assert names - CONTRACT_METRICS - PROMETHEUS_SYNTHETIC == set()
+
+
+def test_every_fleet_alert_is_tested_firing_and_not_firing() -> None:
+    alerts = {r["alert"] for r in _rules() if "alert" in r}
+    assert alerts == {"VirtTrimdStorageGroupDisagrees", "VirtTrimdStorageGroupShareClaimedTwice"}
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for case in yaml.safe_load(FLEET_TESTS.read_text())["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    assert firing == quiet == alerts

@@ -43,6 +43,7 @@ CONTRACT_SAMPLE_NAMES = {
     "virt_trimd_history_write_ok",
     "virt_trimd_history_write_errors_total",
     "virt_trimd_build_info",
+    "virt_trimd_storage_group_info",
 }
 CONTRACT_TYPES = {
     "virt_trimd_reclaimed_bytes_total": "counter",
@@ -88,6 +89,7 @@ def representative_state() -> State:
     state.set_libvirt_up(True)
     state.set_config_reload(True, T0 - 60)
     state.set_history_ok(True)
+    state.set_storage_group(("ceph-a", "4d0ec9e060f0", 2, 3, 1))
     return state
 
 
@@ -330,3 +332,13 @@ def test_unmeasured_disk_is_exported_with_its_reason_and_no_allocation() -> None
     key = {"domain": "db1", "disk": "sda"}
     assert registry.get_sample_value("virt_trimd_disk_allocated_bytes", key) is None
     assert registry.get_sample_value("virt_trimd_reclaimed_bytes_total", key) is None
+
+
+def test_storage_group_info_only_inside_a_group() -> None:
+    state = State()
+    registry = scrape(state)
+    assert registry.get_sample_value("virt_trimd_storage_group_info", {}) is None
+    state.set_storage_group(("ceph-a", "4d0ec9e060f0", 2, 3, 1))
+    labels = {"group": "ceph-a", "members": "4d0ec9e060f0", "share": "2", "shares": "3",
+              "at_once": "1"}  # fmt: skip
+    assert registry.get_sample_value("virt_trimd_storage_group_info", labels) == 1

@@ -106,6 +106,8 @@ class StateSnapshot:
     config_reload_success_ts: float | None
     history_write_ok: bool
     history_write_errors_total: int
+    # (group, members digest, share 1-based, shares, at_once) of this host; None outside one.
+    storage_group: tuple[str, str, int, int, int] | None = None
 
 
 class State:
@@ -132,6 +134,7 @@ class State:
         # No write has failed yet: 1 until a write does.
         self._history_ok = True
         self._history_errors = 0
+        self._storage_group: tuple[str, str, int, int, int] | None = None
 
     def observe_trim(self, record: TrimRecord, now: float | None = None) -> None:
         """Account one trim record.
@@ -302,6 +305,11 @@ class State:
             if not ok:
                 self._history_errors += 1
 
+    def set_storage_group(self, info: tuple[str, str, int, int, int] | None) -> None:
+        """This host's storage group share: (group, members digest, share, shares, at_once)."""
+        with self._lock:
+            self._storage_group = info
+
     def snapshot(self) -> StateSnapshot:
         """An immutable copy of everything, taken under the lock."""
         with self._lock:
@@ -329,6 +337,7 @@ class State:
                 config_reload_success_ts=self._config_success_ts,
                 history_write_ok=self._history_ok,
                 history_write_errors_total=self._history_errors,
+                storage_group=self._storage_group,
             )
 
 

@@ -40,6 +40,7 @@ from virt_trimd.engine.state import DiskState, State
 from virt_trimd.engine.storage_group import (
     StorageSlot,
     SweepLayout,
+    members_digest,
     overrun_seconds,
     slot_of,
     sweep_offsets,
@@ -315,6 +316,17 @@ class Daemon:
         group = self.config.storage_group
         return slot_of(group, group.host or self.hostname)
 
+    def publish_storage_group(self) -> None:
+        """Export this host's share, so Prometheus can compare the members' views."""
+        slot = self.storage_slot()
+        group = self.config.storage_group
+        self.state.set_storage_group(
+            None
+            if slot is None
+            else (slot.group, members_digest(group.members), slot.index + 1, slot.members,
+                  slot.at_once)
+        )  # fmt: skip
+
     def _sweep_offsets(
         self, sched: ScheduleConfig, picked: Sequence[DomainInfo], window: float
     ) -> dict[str, float]:
@@ -572,6 +584,7 @@ class Daemon:
         if self.scheduler is not None:
             self._install_jobs()
         self.state.set_config_reload(True)
+        self.publish_storage_group()
         log.info("configuration reloaded: %d schedule(s)", len(new.schedules))
         self.notifier.ready()
 
@@ -711,6 +724,7 @@ def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Not
     daemon.open_history()
     daemon.start_metrics()
     daemon.state.set_config_reload(True)
+    daemon.publish_storage_group()
     daemon.connect_libvirt()
     daemon.start_scheduler()
     daemon.catch_up()
