@@ -32,7 +32,7 @@ from system.ansible_run import PlayResult, run_playbook, write_inventory
 from system.conftest import Debs, add_libvirt_group
 from system.debhost import DebianHost, booted, wait_until
 from virt_trimd.config.model import StorageGroupConfig
-from virt_trimd.engine.storage_group import slot_of
+from virt_trimd.engine.storage_group import members_digest, slot_of
 
 CLUSTER = 64 * 1024
 UNIT = "virt-trimd.service"
@@ -199,6 +199,11 @@ def test_first_run_installs_and_starts_both(fleet: Fleet) -> None:
         assert slot is not None
         shown = host.run("virt-trimd", "check-config", "--config", CONFIG).stdout
         assert f"{member.name}: share {slot.index + 1} of 2" in shown, shown
+        digest = members_digest(fleet.group().members)
+        assert f"(members {digest})" in shown, shown
+        labels = {"group": GROUP, "members": digest, "share": str(slot.index + 1)}
+        info = member.metric("virt_trimd_storage_group_info", **labels, shares="2", at_once="1")
+        assert info == 1, member.scrape()
     fleet.notes["pids"] = {m.name: m.host.unit(UNIT)["MainPID"] for m in fleet.members}
 
 
@@ -295,6 +300,10 @@ def test_prometheus_sums_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
         assert per_host == dict.fromkeys(targets, 0.0), per_host
         up = prom.query('count(up{job="virt-trimd"} == 1)')
         assert float(up[0]["value"][1]) == 2
+        # The members agree: one member-list digest, two distinct shares.
+        shares = prom.query("count by (members, share) (virt_trimd_storage_group_info)")
+        assert sorted(r["metric"]["share"] for r in shares) == ["1", "2"], shares
+        assert {r["metric"]["members"] for r in shares} == {members_digest(fleet.group().members)}
     finally:
         prom.stop()
 
