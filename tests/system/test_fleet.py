@@ -31,6 +31,7 @@ from support.files import free_port
 from system.ansible_run import PlayResult, run_playbook, write_inventory
 from system.conftest import Debs, add_libvirt_group
 from system.debhost import DebianHost, booted, wait_until
+from unit.promql_names import dashboard_exprs
 from virt_trimd.config.model import StorageGroupConfig
 from virt_trimd.engine.storage_group import members_digest, slot_of
 
@@ -43,7 +44,9 @@ SUITES = ("bookworm", "trixie")
 # Every minute, guests spread over 50 s of it: two members with at_once 1 get 25 s each.
 TRIM_CRON = "* * * * *"
 WINDOW_SECONDS = 50
-FLEET_RULES = Path(__file__).resolve().parents[2] / "config/prometheus/virt-trimd-fleet-rules.yml"
+ROOT = Path(__file__).resolve().parents[2]
+FLEET_RULES = ROOT / "config" / "prometheus" / "virt-trimd-fleet-rules.yml"
+DASHBOARD = ROOT / "config" / "grafana" / "virt-trimd.json"
 
 
 @dataclass
@@ -300,6 +303,25 @@ def test_prometheus_sums_the_fleet(fleet: Fleet, tmp_path: Path) -> None:
         assert per_host == dict.fromkeys(targets, 0.0), per_host
         up = prom.query('count(up{job="virt-trimd"} == 1)')
         assert float(up[0]["value"][1]) == 2
+        # The dashboard over many hosts: its instance variable lists both, and every
+        # panel's query, with both picked, is valid PromQL that the real server runs.
+        hosts = {
+            r["metric"]["instance"]
+            for r in prom.query("count by (instance) (virt_trimd_build_info)")
+        }
+        assert hosts == set(targets)
+        picked = {"$instance": "|".join(targets), "$domain": ".*",
+                  "$__range": "1h"}  # fmt: skip
+        for template in dashboard_exprs(DASHBOARD):
+            expr = template
+            for variable, value in picked.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, expr
+            prom.query(expr)
+        reachable = prom.query(
+            'min by (instance) (virt_trimd_libvirt_up{instance=~"' + picked["$instance"] + '"})'
+        )
+        assert {r["metric"]["instance"] for r in reachable} == set(targets)
         # The members agree: one member-list digest, two distinct shares.
         shares = prom.query("count by (members, share) (virt_trimd_storage_group_info)")
         assert sorted(r["metric"]["share"] for r in shares) == ["1", "2"], shares
