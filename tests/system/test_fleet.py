@@ -35,6 +35,10 @@ from unit.promql_names import dashboard_exprs
 from virt_trimd.config.model import StorageGroupConfig
 from virt_trimd.engine.storage_group import members_digest, slot_of
 
+# The first run installs python3, python3-apt and the .deb's dependencies from the
+# mirror on two hosts at once, as test_package's apt steps do.
+pytestmark = pytest.mark.timeout(900)
+
 CLUSTER = 64 * 1024
 UNIT = "virt-trimd.service"
 CONFIG = "/etc/virt-trimd/config.yaml"
