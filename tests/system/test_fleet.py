@@ -11,10 +11,12 @@ shares computed here from the inventory the test wrote.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,15 +64,27 @@ class Member:
     port: int
     schedule: dict[str, Any]
     allocated_before: int = 0
+    extra_vars: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.host.name
 
+    def get(self, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+        """GET /metrics, optionally with basic auth: (HTTP status, body)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/metrics")
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
+        status, text = self.get()
+        assert status == 200, status
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text)
@@ -105,13 +119,13 @@ class Fleet:
     debs: Debs
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def write_inventory(self, **overrides: dict[str, Any]) -> None:
-        """The inventory, with per-host variables replaced by ``overrides[name]``."""
+    def write_inventory(self) -> None:
+        """The inventory: group variables, and each member's port, schedule and extras."""
         host_vars = {
             m.name: {
                 "virt_trimd_metrics_listen": f"127.0.0.1:{m.port}",
                 "virt_trimd_schedules": [m.schedule],
-                **overrides.get(m.name, {}),
+                **m.extra_vars,
             }
             for m in self.members
         }
@@ -354,3 +368,27 @@ def test_invalid_variable_fails_at_validation_and_the_service_keeps_its_schedule
     assert props["MainPID"] == fleet.notes["pids"][bad.name]
     assert bad.metric("virt_trimd_next_run_timestamp_seconds", schedule="fleet") is not None
     assert bad.metric("virt_trimd_config_last_reload_successful") == 1
+
+
+def test_web_config_turns_on_basic_auth_and_a_rerun_changes_nothing(fleet: Fleet) -> None:
+    """virt_trimd_web_config writes the web config (root:virt-trimd 0640), points
+    metrics.web_config_file at it and restarts: /metrics then wants the password."""
+    import bcrypt
+
+    bad, good = fleet.members
+    bad.schedule = {k: v for k, v in bad.schedule.items() if k != "concurrency"}
+    password = "fleet-secret"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    good.extra_vars = {"virt_trimd_web_config": {"basic_auth_users": {"prometheus": hashed}}}
+    result = fleet.play()
+    _assert_ok(result, bad.name, good.name)
+    assert "RUNNING HANDLER [virt_trimd : Restart virt-trimd]" in result.output
+    assert result.changed(bad.name) == 0  # its file is what it was before the bad run
+    good.host.wait_active(UNIT)
+    wait_until("basic auth on /metrics", lambda: good.get()[0] == 401 or None, 60)
+    status, body = good.get(("prometheus", password))
+    assert status == 200 and "virt_trimd_build_info" in body
+    assert good.get(("prometheus", "wrong"))[0] == 401
+    mode = good.host.run("stat", "-c", "%U:%G %a", "/etc/virt-trimd/web-config.yml").stdout
+    assert mode.strip() == "root:virt-trimd 640"
+    assert fleet.play().changed(good.name) == 0
