@@ -10,7 +10,7 @@ PYTHON="${PYTHON:-python3}"
 PACKAGES=(
     qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
     libsystemd-dev pkg-config gcc busybox-static linux-image-amd64 qemu-guest-agent
-    e2fsprogs cpio prometheus time libguestfs-tools
+    e2fsprogs cpio prometheus time libguestfs-tools ansible-core ansible-lint
     curl openssl systemd util-linux
     mmdebstrap systemd-container dpkg-dev debhelper dh-python pybuild-plugin-pyproject
     python3-argparse-manpage lintian

@@ -44,6 +44,7 @@ CONTRACT_METRICS = frozenset(
         "virt_trimd_history_write_ok",
         "virt_trimd_history_write_errors_total",
         "virt_trimd_build_info",
+        "virt_trimd_storage_group_info",
     }
 )
 HISTOGRAMS = frozenset({"virt_trimd_trim_duration_seconds"})

@@ -47,6 +47,7 @@ CONTRACT_SAMPLE_NAMES = {
     "virt_trimd_history_write_ok",
     "virt_trimd_history_write_errors_total",
     "virt_trimd_build_info",
+    "virt_trimd_storage_group_info",
 }
 CONTRACT_TYPES = {
     "virt_trimd_reclaimed_bytes_total": "counter",
@@ -95,6 +96,7 @@ def representative_state() -> State:
     state.set_config_reload(True, T0 - 60)
     state.set_history_ok(True)
     state.set_trigger_backoff("web1", T0 + 3600)
+    state.set_storage_group(("ceph-a", "4d0ec9e060f0", 2, 3, 1))
     return state
 
 
@@ -363,3 +365,13 @@ def test_reclaims_counter_tells_method_and_trigger_apart() -> None:
         registry.get_sample_value("virt_trimd_trigger_backoff_until_timestamp_seconds", labels)
         is None
     )
+
+
+def test_storage_group_info_only_inside_a_group() -> None:
+    state = State()
+    registry = scrape(state)
+    assert registry.get_sample_value("virt_trimd_storage_group_info", {}) is None
+    state.set_storage_group(("ceph-a", "4d0ec9e060f0", 2, 3, 1))
+    labels = {"group": "ceph-a", "members": "4d0ec9e060f0", "share": "2", "shares": "3",
+              "at_once": "1"}  # fmt: skip
+    assert registry.get_sample_value("virt_trimd_storage_group_info", labels) == 1

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from virt_trimd.cli.progress import Progress
 from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times, local_timezone
+from virt_trimd.engine.storage_group import group_warnings, members_digest, slot_of
 from virt_trimd.engine.sweep import SweepContext, SweepPlan, run_sweep, select_domains
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
@@ -285,7 +287,46 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         except WebConfigError as exc:
             raise ConfigError([str(exc)]) from exc
     out.write(f"{path}: OK, {len(config.schedules)} schedule(s)\n")
+    _describe_storage_group(config, out)
     return EXIT_OK
+
+
+def _describe_storage_group(config: Config, out: TextIO) -> None:
+    """This host's share of its storage group, and what looks wrong from here.
+
+    Warnings go to stderr and keep the exit status 0: a host outside its group still
+    works (it falls back to per-host spreading), and Ansible's validate step must not
+    refuse a file for it.
+    """
+    group = config.storage_group
+    if not group.members:
+        return
+    host = group.host or socket.gethostname()
+    slot = slot_of(group, host)
+    where = (
+        f"share {slot.index + 1} of {slot.members}, from {slot.start_fraction:.1%} of each "
+        f"window for {slot.length_fraction:.1%} of it"
+        if slot is not None
+        else "not a member"
+    )
+    out.write(
+        escape_control(
+            f"storage group {group.label} (members {members_digest(group.members)}): "
+            f"{host}: {where}"
+        )
+        + "\n"
+    )
+    warnings = group_warnings(group, host)
+    # Shares are fractions of each run's window; an interval counts from each daemon's
+    # own start, so members' windows do not line up.
+    warnings += [
+        f"storage_group {group.label}: schedule {s.name} uses every:, whose windows start "
+        "when each daemon started, so the members' shares do not line up; use cron"
+        for s in config.schedules
+        if s.every_seconds is not None and s.window_seconds > 0
+    ]
+    for warning in warnings:
+        log.warning("%s", escape_control(warning))
 
 
 # -- run / schedules / history -----------------------------------------------------

@@ -71,7 +71,10 @@ def _example_lines(schema: dict[str, Any], indent: int) -> list[str]:
         pad = " " * indent
         if sub.get("type") == "object":
             lines += _comment(sub["description"], indent)
-            lines.append(f"{pad}{key}:")
+            # With every option commented out, an uncommented key would read as null.
+            leaves = sub["properties"].values()
+            hash_ = "# " if all(leaf.get("x-example-commented") for leaf in leaves) else ""
+            lines.append(f"{pad}{hash_}{key}:")
             lines += _example_lines(sub, indent + 2)
         elif sub.get("type") == "array" and sub["items"].get("type") == "object":
             lines += _comment(sub["description"], indent)

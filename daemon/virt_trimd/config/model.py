@@ -51,6 +51,7 @@ __all__ = [
     "OfflineConfig",
     "QemuImgLimits",
     "ScheduleConfig",
+    "StorageGroupConfig",
     "check_file_permissions",
     "config_schema",
     "example_config_yaml",
@@ -150,6 +151,21 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class StorageGroupConfig:
+    """Hosts sharing one storage; inactive (no name, no members) by default."""
+
+    name: str | None = None
+    members: tuple[str, ...] = ()
+    host: str | None = None  # this host's name in members; None: the hostname
+    at_once: int = 1
+
+    @property
+    def label(self) -> str:
+        """The group's name, "default" when unset: it seeds the ring order."""
+        return self.name or "default"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration; ``source`` is the file it came from, if any."""
 
@@ -165,6 +181,7 @@ class Config:
     schedules: tuple[ScheduleConfig, ...]
     source: Path | None = None
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+    storage_group: StorageGroupConfig = StorageGroupConfig()
 
     @classmethod
     def default(cls) -> Config:
@@ -276,6 +293,12 @@ class _Loader(DocumentLoader):
                     schedules.append(
                         self._schedule(index, document, top[("agent_timeout",)], names)
                     )
+        group = StorageGroupConfig(
+            name=top[("storage_group", "name")],
+            members=tuple(top[("storage_group", "members")] or ()),
+            host=top[("storage_group", "host")],
+            at_once=top[("storage_group", "at_once")] or 1,
+        )
         if self.problems:
             return None
         listen_host, listen_port = top[("metrics", "listen")]
@@ -318,6 +341,7 @@ class _Loader(DocumentLoader):
                 ),
                 concurrency=top[("offline", "concurrency")],
             ),
+            storage_group=group,
         )
 
     def _schedule(

@@ -118,6 +118,8 @@ class StateSnapshot:
     trigger_backoff_until_ts: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: MappingProxyType({})
     )
+    # (group, members digest, share 1-based, shares, at_once) of this host; None outside one.
+    storage_group: tuple[str, str, int, int, int] | None = None
 
 
 class State:
@@ -146,6 +148,7 @@ class State:
         # No write has failed yet: 1 until a write does.
         self._history_ok = True
         self._history_errors = 0
+        self._storage_group: tuple[str, str, int, int, int] | None = None
 
     def observe_trim(self, record: TrimRecord, now: float | None = None) -> None:
         """Account one trim record.
@@ -330,6 +333,11 @@ class State:
             if not ok:
                 self._history_errors += 1
 
+    def set_storage_group(self, info: tuple[str, str, int, int, int] | None) -> None:
+        """This host's storage group share: (group, members digest, share, shares, at_once)."""
+        with self._lock:
+            self._storage_group = info
+
     def snapshot(self) -> StateSnapshot:
         """An immutable copy of everything, taken under the lock."""
         with self._lock:
@@ -359,6 +367,7 @@ class State:
                 history_write_errors_total=self._history_errors,
                 reclaims_total=MappingProxyType(dict(self._reclaims)),
                 trigger_backoff_until_ts=MappingProxyType(dict(self._backoff)),
+                storage_group=self._storage_group,
             )
 
 

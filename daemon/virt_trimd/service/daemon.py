@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,8 +36,16 @@ from virt_trimd.config.model import (
 )
 from virt_trimd.engine.history import CensusDomain, History, HistoryError
 from virt_trimd.engine.offline import OfflineReclaimer
-from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone, spread_offset
+from virt_trimd.engine.schedule import build_trigger, catch_up_due, local_timezone
 from virt_trimd.engine.state import DiskState, State
+from virt_trimd.engine.storage_group import (
+    StorageSlot,
+    SweepLayout,
+    members_digest,
+    overrun_seconds,
+    slot_of,
+    sweep_offsets,
+)
 from virt_trimd.engine.sweep import (
     DomainLocks,
     SweepContext,
@@ -353,6 +361,55 @@ class Daemon:
         self.state.retain_domains([d.name for d in domains])
         return domains
 
+    def storage_slot(self) -> StorageSlot | None:
+        """This host's share of its storage group's windows; None outside a group."""
+        group = self.config.storage_group
+        return slot_of(group, group.host or self.hostname)
+
+    def publish_storage_group(self) -> None:
+        """Export this host's share, so Prometheus can compare the members' views."""
+        slot = self.storage_slot()
+        group = self.config.storage_group
+        self.state.set_storage_group(
+            None
+            if slot is None
+            else (slot.group, members_digest(group.members), slot.index + 1, slot.members,
+                  slot.at_once)
+        )  # fmt: skip
+
+    def _sweep_offsets(
+        self, sched: ScheduleConfig, picked: Sequence[DomainInfo], window: float
+    ) -> dict[str, float]:
+        layout = SweepLayout(
+            self.hostname, sched.name, [d.uuid for d in picked], window, self.last_duration
+        )
+        slot, offsets = sweep_offsets(self.config.storage_group, layout)
+        if slot is not None:
+            start, length = slot.seconds(window)
+            log.info(
+                "schedule %s: storage group %s, share %d of %d: %.0fs to %.0fs of the window",
+                sched.name,
+                slot.group,
+                slot.index + 1,
+                slot.members,
+                start,
+                start + length,
+            )
+            over = overrun_seconds(slot, layout, sched.concurrency)
+            if over > 0:
+                log.warning(
+                    "schedule %s: at concurrency %d the last trims of these guests took %.0fs "
+                    "more than this host's %.0fs share of storage group %s, so the sweep "
+                    "will run into other members' shares: raise storage_group.at_once or "
+                    "the schedule's concurrency",
+                    sched.name,
+                    sched.concurrency,
+                    over,
+                    length,
+                    slot.group,
+                )
+        return offsets
+
     def run_schedule(self, name: str, ignore_window: bool = False) -> SweepSummary | None:
         """One sweep of one schedule; never raises."""
         lock = self._sweep_locks.setdefault(name, threading.Lock())
@@ -381,8 +438,12 @@ class Daemon:
         log.info("schedule %s: %d running domain(s) match", sched.name, len(picked))
         window = 0.0 if ignore_window else sched.window_seconds
 
+        # A member of a storage group starts its guests inside its share of the window;
+        # any other host spreads them by their hashes (storage_group.sweep_offsets).
+        offsets = self._sweep_offsets(sched, picked, window)
+
         def delay_for(dom: DomainInfo) -> float:
-            return spread_offset(self.hostname, sched.name, dom.uuid, window)
+            return offsets.get(dom.uuid, 0.0)
 
         opts = TrimOptions.from_config(
             self.config,
@@ -728,6 +789,7 @@ class Daemon:
         if self.scheduler is not None:
             self._install_jobs()
         self.state.set_config_reload(True)
+        self.publish_storage_group()
         log.info("configuration reloaded: %d schedule(s)", len(new.schedules))
         self.notifier.ready()
 
@@ -867,6 +929,7 @@ def run_daemon(config_path: Path, notifier_factory: Callable[[], Notifier] = Not
     daemon.open_history()
     daemon.start_metrics()
     daemon.state.set_config_reload(True)
+    daemon.publish_storage_group()
     daemon.connect_libvirt()
     daemon.start_scheduler()
     daemon.catch_up()

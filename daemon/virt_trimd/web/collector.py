@@ -284,6 +284,15 @@ class TrimdCollector(Collector):
             "History database writes that failed.",
             value=snap.history_write_errors_total,
         )
+        group = GaugeMetricFamily(
+            PREFIX + "storage_group_info",
+            "This host's share of its storage group; always 1. Members whose inventories "
+            "agree show the same members digest, and no share twice.",
+            labels=["group", "members", "share", "shares", "at_once"],
+        )
+        if snap.storage_group is not None:
+            group.add_metric([str(v) for v in snap.storage_group], 1)
+        yield group
         info = GaugeMetricFamily(
             PREFIX + "build_info", "virt-trimd version; always 1.", labels=["version"]
         )
