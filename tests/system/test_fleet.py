@@ -209,6 +209,12 @@ def test_first_run_installs_and_starts_both(fleet: Fleet) -> None:
         assert version == f"virt-trimd {fleet.debs.version}"
         assert host.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
         host.wait_active(UNIT)
+        # The package did not start the daemon on the shipped 127.0.0.1:9742 (two hosts
+        # on one network would collide there): it only ever ran the rendered file.
+        assert host.unit(UNIT)["NRestarts"] == "0"
+        journal = host.journal_text(UNIT)
+        assert not re.search(r"[^0-9]9742\b", journal), journal
+        assert "Address already in use" not in journal, journal
         # The daemon serves the port the inventory gave it (read at start: the role
         # restarted it after installing).
         wait_until(
