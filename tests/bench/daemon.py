@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import rig
 from bench.common import env_with_package
 from support.notify import NotifyReceiver
 
@@ -27,7 +28,7 @@ def daemon_config(  # noqa: PLR0913  (keyword-only knobs with defaults)
 ) -> str:
     """A config with one schedule over exactly `domains` (nothing else on the host)."""
     when = f"cron: {cron!r}" if every is None else f"every: {every}"
-    names = ", ".join(repr(d) for d in domains) if domains else "'vtrimd-test-bench-*'"
+    names = ", ".join(repr(d) for d in domains) if domains else f"'{rig.session_prefix()}bench-*'"
     text = (
         f"libvirt:\n  uri: {uri}\n"
         f"metrics:\n  listen: 127.0.0.1:{port}\n"

@@ -742,7 +742,10 @@ def private_libvirtd(
         priv.close()
 
 
-_TRIM_LINE = re.compile(r" virt_trimd\.trim: (vtrimd-test-priv-\S+): (\w+), reclaimed")
+def _trim_lines(log: str) -> list[tuple[str, str]]:
+    """(domain, result) of each priv-* trim the daemon logged."""
+    prefix = re.escape(rig.session_prefix() + "priv-")
+    return re.findall(rf" virt_trimd\.trim: ({prefix}\S+): (\w+), reclaimed", log)
 
 
 def test_libvirtd_killed_and_restarted_idle_and_mid_sweep(
@@ -809,7 +812,7 @@ def test_libvirtd_killed_and_restarted_idle_and_mid_sweep(
     assert "Traceback" not in log
     assert priv.starts == 3
     assert priv.socket != Path("/run/libvirt/libvirt-sock")  # never the shared libvirtd
-    logged = _TRIM_LINE.findall(log)
+    logged = _trim_lines(log)
     assert (pst.name, "error") in logged, logged
     rows = _trims(state)
     # Every record written exactly once: one row per logged trim, no repeated row.
