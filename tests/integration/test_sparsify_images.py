@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from virt_trimd.host import sparsify
-from virt_trimd.host.sparsify import image_facts, image_lock_conflict
-from virt_trimd.records import QemuImgLimits
+from virt_trimd.host.sparsify import SparsifyError, image_facts, image_lock_conflict, run_sparsify
+from virt_trimd.records import QemuImgLimits, SparsifyLimits
 
 
 def test_image_facts_reads_the_qcow2_header(tmp_path: Path) -> None:
@@ -68,3 +68,23 @@ def test_stale_socket_dirs_of_a_killed_run_are_removed(tmp_path: Path, monkeypat
     removed = sparsify.remove_stale_sockdirs(before, started)
     assert removed == [str(tmp_path / "libguestfsNEW")]
     assert (tmp_path / "libguestfsOLD").exists() and (tmp_path / "unrelated").exists()
+
+
+def test_a_run_past_its_timeout_is_killed_and_leaves_nothing_in_tmp(tmp_path: Path) -> None:
+    """A real virt-sparsify stopped during its appliance boot: no sockets, no QEMU left."""
+    img = tmp_path / "slow.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    before = sparsify._sockdirs()
+    limits = SparsifyLimits(
+        timeout_seconds=3, environment=(("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg"),)
+    )
+    with pytest.raises(SparsifyError) as stopped:
+        run_sparsify(str(img), "qcow2", limits)
+    assert stopped.value.kind == "timeout", stopped.value.message
+    # libguestfs's own recovery process takes the appliance's QEMU down within a second.
+    deadline = time.monotonic() + 30
+    while sparsify._in_use([str(img)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not sparsify._in_use([str(img)]), "a process still names the image"
+    assert sparsify._sockdirs() - before == set()
+    assert image_lock_conflict(str(img), "qcow2", QemuImgLimits()) is None

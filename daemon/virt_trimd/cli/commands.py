@@ -366,7 +366,7 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
     hv = _hypervisor(config.libvirt_uri)
     try:
         hv.connect()
-        domains = [d for d in hv.list_domains() if d.running]
+        domains = hv.list_domains()
     except HypervisorError as exc:
         out.write(f"(libvirt unavailable, domains not shown: {escape_control(exc.message)})\n")
     finally:
@@ -397,10 +397,18 @@ def cmd_schedules(args: argparse.Namespace, out: TextIO) -> int:
         for when in fire_times(sched, tz, now, args.count):
             out.write(f"  next: {when.isoformat(timespec='seconds')}\n")
         if domains is not None:
+            running = [d for d in domains if d.running]
             names = [
-                safe_cell(d.name) for d in select_domains(domains, sched.domains, sched.exclude)
+                safe_cell(d.name) for d in select_domains(running, sched.domains, sched.exclude)
             ]
             out.write(f"  domains ({len(names)}): {', '.join(names) or '-'}\n")
+            if sched.offline:
+                shut_off = [d for d in domains if not d.running]
+                offline = [
+                    safe_cell(d.name)
+                    for d in select_domains(shut_off, sched.domains, sched.exclude)
+                ]
+                out.write(f"  shut off, offline ({len(offline)}): {', '.join(offline) or '-'}\n")
     return EXIT_OK
 
 
@@ -431,12 +439,14 @@ def history_json(records: Sequence[TrimRecord]) -> dict[str, Any]:
 
 def format_history_table(records: Sequence[TrimRecord]) -> str:
     """`history` for people: one row per trim, names escaped."""
-    header = ("STARTED", "DOMAIN", "SCHEDULE", "RESULT", "RECLAIMED", "DURATION")
+    header = ("STARTED", "DOMAIN", "SCHEDULE", "HOW", "RESULT", "RECLAIMED", "DURATION")
     rows = [
         (
             safe_cell(r.started_at, 40),
             safe_cell(r.domain),
             safe_cell(r.schedule or "-", 20),
+            # method/trigger: "agent", "sparsify", "agent/growth"
+            r.method.value + (f"/{safe_cell(r.trigger, 12)}" if r.trigger else ""),
             r.result.value,
             format_bytes(r.reclaimed_bytes),
             format_duration(r.duration_seconds),

@@ -245,6 +245,7 @@ class OfflineReclaimer:
                     "DOMAIN": dom.name,
                     "RESULT": result.value,
                     "METHOD": Method.SPARSIFY.value,
+                    "TRIGGER": record.trigger or "schedule",
                     "RECLAIMED_BYTES": record.reclaimed_bytes,
                 },
             )
@@ -255,11 +256,13 @@ class OfflineReclaimer:
         refusal = self._domain_refusal(dom)
         if refusal is not None:
             return finish(Result.SKIPPED, refusal)
-        try:
-            everyone = self.hypervisor.list_domains()
-        except HypervisorError as exc:
-            return finish(Result.ERROR, f"cannot list domains to check sharing: {exc.message}")
         with self.slots:
+            # Who shares what is read once a slot is ours, not when queued behind another
+            # run: a definition added meanwhile must count.
+            try:
+                everyone = self.hypervisor.list_domains()
+            except HypervisorError as exc:
+                return finish(Result.ERROR, f"cannot list domains to check sharing: {exc.message}")
             return self._disks(dom, opts, everyone, finish)
 
     def _domain_refusal(self, dom: DomainInfo) -> str | None:

@@ -367,7 +367,12 @@ def _log_record(record: TrimRecord) -> None:
     if record.result.needs_attention:
         level = logging.WARNING
     unmeasured = not_measured_text(record.disks)
-    fields: dict[str, object] = {"DOMAIN": record.domain, "RESULT": record.result.value}
+    fields: dict[str, object] = {
+        "DOMAIN": record.domain,
+        "RESULT": record.result.value,
+        "METHOD": record.method.value,
+        "TRIGGER": record.trigger or "schedule",
+    }
     # An image the daemon cannot see (a sandbox hiding its directory, a vanished file)
     # is "not measured", never a reclaim of 0: a 0 would read as "trim had no effect".
     if unmeasured and not any(d.reclaimed_bytes is not None for d in record.disks):

@@ -44,6 +44,8 @@ SUPPORTED_FORMATS = ("qcow2", "raw")
 MAX_OUTPUT_BYTES = 64 * 1024
 SOCKDIR_PREFIX = "libguestfs"
 SOCKDIR_PARENT = Path("/tmp")
+# How long a killed run's appliance may take to go before its sockets are judged in use.
+SOCKDIR_SETTLE_SECONDS = 5.0
 # How long a run may take to exit after SIGTERM before it gets SIGKILL.
 TERM_GRACE_SECONDS = 10.0
 QCOW2_MAGIC = b"QFI\xfb"
@@ -233,7 +235,14 @@ def remove_stale_sockdirs(before: set[str], started_wall: float) -> list[str]:
             continue
         if st.st_uid == os.geteuid() and st.st_mtime >= started_wall - 1:
             fresh.append(path)
+    # The appliance's QEMU outlives a killed virt-sparsify by up to a second or two
+    # (libguestfs's recovery process kills it when it sees its parent gone): wait for it,
+    # but not for a directory another live run uses for as long as that runs.
+    deadline = time.monotonic() + SOCKDIR_SETTLE_SECONDS
     busy = _in_use(fresh)
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.25)
+        busy = _in_use(fresh)
     removed = []
     for path in fresh:
         if path not in busy:

@@ -64,6 +64,7 @@ from virt_trimd.host.agent import HypervisorError, Outcome
 from virt_trimd.host.domxml import trimmable_disks
 from virt_trimd.host.hypervisor import Hypervisor
 from virt_trimd.host.measure import MeasureError, Measurer
+from virt_trimd.host.sparsify import find_tool
 from virt_trimd.records import DomainInfo, Method, Result, SweepSummary, TrimRecord
 from virt_trimd.service import StartupError
 from virt_trimd.service.notify import Notifier
@@ -316,6 +317,12 @@ class Daemon:
                 next_run_time=first,
             )
             self._census_installed = True
+        if any(s.offline for s in self.config.schedules) and find_tool() is None:
+            log.error(
+                "a schedule has offline: true but virt-sparsify is not installed: install "
+                "libguestfs-tools (apt-get install libguestfs-tools); shut-off domains "
+                "are not reclaimed until then"
+            )
         # Pruning also runs in open_history at start, so the first daily run is a day on.
         self.scheduler.add_job(self.prune_history, "interval", days=1, id="history-prune")
         self.state.retain_schedules([s.name for s in self.config.schedules])
