@@ -89,3 +89,14 @@ def test_status_on_a_v1_file_shows_its_trims(tmp_path: Path) -> None:
     # The fixture's trims are from 2026-10; whether they fall in the 30-day window
     # depends on today, so only check the document is built from a v1 file.
     assert isinstance(doc["domains"], list)
+
+
+def test_census_disabled_is_not_stale(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "history-v1.sqlite3", state / DB_FILENAME)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {state}\ncensus_interval: 0\n")
+    _, text = run("status", "--config", str(config), "--json")
+    doc = json.loads(text)
+    assert doc["data_as_of"] is None and doc["stale"] is False

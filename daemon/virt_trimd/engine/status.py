@@ -198,7 +198,10 @@ def build_status(
     reclaim_rows = history.reclaim_rows(since)
     last_trims = history.latest_trim_by_domain()
     last_success = history.last_success_by_domain()
-    recent_trimmed = {d for d, _, _ in reclaim_rows}
+    rows_by_domain: dict[str, list[tuple[float, int]]] = {}
+    for domain, ts, amount in reclaim_rows:
+        rows_by_domain.setdefault(domain, []).append((ts, amount))
+    recent_trimmed = set(rows_by_domain)
     names = sorted(set(census_domains) | recent_trimmed)
 
     domains: list[DomainStatus] = []
@@ -210,10 +213,9 @@ def build_status(
         ready = None if not readiness or None in readiness else all(bool(r) for r in readiness)
         record = last_trims.get(name)
         uuid = seen.uuid if seen is not None else (record.uuid if record else None)
+        mine = rows_by_domain.get(name, [])
         reclaimed = {
-            days: sum(
-                r for d, ts, r in reclaim_rows if d == name and ts >= now - days * DAY_SECONDS
-            )
+            days: sum(r for ts, r in mine if ts >= now - days * DAY_SECONDS)
             for days in RECLAIM_WINDOWS_DAYS
         }
         next_ts, next_sched = _next_run(config, name, uuid, hostname, next_runs)
@@ -239,7 +241,8 @@ def build_status(
         reasons, act = _reasons(status, record, seen.agent_state if seen else None)
         domains.append(dataclasses.replace(status, reasons=reasons, needs_attention=act))
     interval = config.census_interval_seconds
-    stale = census_ts is None or (interval > 0 and now - census_ts > 2 * interval + 60)
+    # With the census disabled nothing is recorded on purpose: not stale, just absent.
+    stale = interval > 0 and (census_ts is None or now - census_ts > 2 * interval + 60)
     upcoming = [d.next_run_ts for d in domains if d.next_run_ts is not None]
     return StatusReport(
         generated_ts=now,

@@ -727,6 +727,9 @@ class Daemon:
         except HistoryError as exc:
             log.error("cannot write census to history: %s", exc)
             self.state.set_history_ok(False)
+            return
+        # history_write_ok is "the latest write succeeded": a census is a write too.
+        self.state.set_history_ok(True)
 
     # -- main loop -----------------------------------------------------------------
 
