@@ -28,7 +28,13 @@ from virt_trimd.config.model import DEFAULT_CONFIG_PATH, Config, ConfigError, lo
 from virt_trimd.engine.history import History, HistoryError
 from virt_trimd.engine.schedule import fire_times, local_timezone
 from virt_trimd.engine.storage_group import group_warnings, members_digest, slot_of
-from virt_trimd.engine.sweep import SweepContext, SweepPlan, run_sweep, select_domains
+from virt_trimd.engine.sweep import (
+    Reclaimer,
+    SweepContext,
+    SweepPlan,
+    run_sweep,
+    select_domains,
+)
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.escaping import SafeFormatter, escape_cell, escape_control, render_table
 from virt_trimd.host.agent import HypervisorError, Outcome
@@ -154,17 +160,9 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
         opts = TrimOptions.from_config(
             config, timeout_seconds=timeout, minimum_bytes=minimum, dry_run=args.dry_run
         )
+        plan = SweepPlan(concurrency=args.concurrency)
         progress = Progress(len(domains), out, enabled=False if args.json else None)
-        context = SweepContext(
-            on_start=lambda dom: progress.start(dom.name),
-            on_record=lambda rec: progress.done(rec.domain),
-        )
-        try:
-            summary = run_sweep(
-                trimmer, domains, opts, SweepPlan(concurrency=args.concurrency), context
-            )
-        finally:
-            progress.finish()
+        summary = _sweep_with_progress(trimmer, domains, opts, plan, progress)
     finally:
         hv.close()
     if args.json:
@@ -173,6 +171,24 @@ def cmd_trim(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(format_table(summary.records))
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _sweep_with_progress(
+    reclaimer: Reclaimer,
+    domains: Sequence[DomainInfo],
+    opts: TrimOptions,
+    plan: SweepPlan,
+    progress: Progress,
+) -> SweepSummary:
+    """run_sweep with a live progress line (trim --all, sparsify), erased at the end."""
+    context = SweepContext(
+        on_start=lambda dom: progress.start(dom.name),
+        on_record=lambda rec: progress.done(rec.domain),
+    )
+    try:
+        return run_sweep(reclaimer, domains, opts, plan, context)
+    finally:
+        progress.finish()
 
 
 def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
@@ -213,7 +229,8 @@ def cmd_sparsify(args: argparse.Namespace, out: TextIO) -> int:
             config, timeout_seconds=limits.timeout_seconds, minimum_bytes=0, dry_run=args.dry_run
         )
         opts = dataclasses.replace(opts, method=Method.SPARSIFY)
-        summary = run_sweep(reclaimer, domains, opts)
+        progress = Progress(len(domains), out, enabled=False if args.json else None)
+        summary = _sweep_with_progress(reclaimer, domains, opts, SweepPlan(), progress)
     finally:
         hv.close()
     if args.json:
