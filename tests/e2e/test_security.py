@@ -519,11 +519,17 @@ def test_hostile_images_cost_the_census_bounded_time(
                 )
 
             wait_for(measured_loop, 60, "the census to measure the looping image")
+            # One DEBUG line per census round (the WARNING is said once per cause).
+            per_round = f"{name}/vdc: {endless}: qemu-img timed out after 2s"
             wait_for(
-                lambda: d.log().count("qemu-img timed out after 2s") >= 2,
+                lambda: d.log().count(per_round) >= 2,
                 60,
                 "two census rounds past the endless image",
             )
+            # Said once per disk and cause, not at every census round.
+            warned = re.findall(r"(\S+/vd[a-c]): allocation not measured: (.*)", d.log())
+            assert {disk for disk, _ in warned} >= {f"{name}/vdb", f"{name}/vdc"}, warned
+            assert len(warned) == len(set(warned)), warned
             m = scrape(port)
             assert measured_loop() == 64 << 20
             for disk in ("vdb", "vdc"):

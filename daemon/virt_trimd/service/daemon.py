@@ -679,6 +679,7 @@ class Daemon:
                         alloc = self.measurer.allocation(disk.source_path, disk.driver_format)
                     except MeasureError as exc:
                         reason = str(exc)
+                        log.debug("%s/%s: %s", dom.name, disk.target, exc)
                         self._warn_not_measured(dom.name, disk.target, reason)
                 else:
                     reason = unmeasurable_reason(disk)
