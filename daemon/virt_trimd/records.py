@@ -54,6 +54,18 @@ class Result(enum.StrEnum):
         return self in (Result.SUCCESS, Result.PARTIAL)
 
 
+def stamp_ts(stamp: str) -> float:
+    """An ISO 8601 stamp of a record in epoch seconds; raises ValueError if it is none.
+
+    A stamp without a zone is UTC (what records always write), never the host's local
+    time: history rows written on a host in another zone must mean the same.
+    """
+    moment = datetime.fromisoformat(stamp)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 @dataclass(frozen=True)
 class Disk:
     """One disk of a domain, as parsed from the domain XML."""
@@ -199,10 +211,7 @@ class TrimRecord:
         A stamp without a zone is UTC (what `started_at` always is), never the host's
         local time: history rows written on a host in another zone must mean the same.
         """
-        moment = datetime.fromisoformat(self.started_at)
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.timestamp()
+        return stamp_ts(self.started_at)
 
     @property
     def finished_ts(self) -> float:

@@ -11,6 +11,7 @@ smallest (``1h30m``, ``1d12h``); a plain number is seconds.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from fractions import Fraction
@@ -192,3 +193,22 @@ def format_duration(seconds: float) -> str:
 def _trim_number(value: float) -> str:
     """``1.500`` -> ``"1.5"``, ``2.0`` -> ``"2"``: no trailing zeros in a duration."""
     return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def format_local_minute(ts: float | None, tz: dt.tzinfo) -> str:
+    """Epoch seconds as `YYYY-MM-DD HH:MM` in tz (the status views); None as "-"."""
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M")
+
+
+def format_size_or_dash(value: int | None) -> str:
+    """format_bytes, with "-" for unknown."""
+    return "-" if value is None else format_bytes(value)
+
+
+def format_signed_size(value: int | None) -> str:
+    """A growth: "+1.5 GiB", "-200.0 MiB", "0 B"; "-" for unknown."""
+    if value is None:
+        return "-"
+    return ("+" if value > 0 else "") + format_bytes(value)

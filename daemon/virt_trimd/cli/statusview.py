@@ -6,33 +6,21 @@ import datetime as dt
 
 from virt_trimd.engine.status import StatusReport
 from virt_trimd.escaping import escape_cell, render_table
-from virt_trimd.units import format_bytes, format_duration
-
-
-def _when(ts: float | None, tz: dt.tzinfo) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M")
+from virt_trimd.records import stamp_ts
+from virt_trimd.units import (
+    format_bytes,
+    format_duration,
+    format_local_minute,
+    format_signed_size,
+    format_size_or_dash,
+)
 
 
 def _iso_when(stamp: str, tz: dt.tzinfo) -> str:
     try:
-        moment = dt.datetime.fromisoformat(stamp)
+        return format_local_minute(stamp_ts(stamp), tz)
     except ValueError:
         return escape_cell(stamp, 25)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)  # started_at is UTC (records.TrimRecord)
-    return _when(moment.timestamp(), tz)
-
-
-def _bytes(value: int | None) -> str:
-    return "-" if value is None else format_bytes(value)
-
-
-def _signed(value: int | None) -> str:
-    if value is None:
-        return "-"
-    return ("+" if value > 0 else "") + format_bytes(value)
 
 
 def freshness_line(report: StatusReport) -> str:
@@ -57,12 +45,12 @@ def format_status(report: StatusReport, tz: dt.tzinfo) -> str:
         ),
         (
             f"allocated: {format_bytes(report.allocated_bytes)} "
-            f"({_signed(report.growth_7d_bytes)} over 7 days), "
+            f"({format_signed_size(report.growth_7d_bytes)} over 7 days), "
             f"reclaimable now: {format_bytes(report.reclaimable_bytes)}"
         ),
         (
             f"domains: {len(report.domains)}, needing attention: {report.needs_attention}; "
-            f"next run: {_when(report.next_run_ts, tz)}"
+            f"next run: {format_local_minute(report.next_run_ts, tz)}"
         ),
         "",
     ]
@@ -93,10 +81,10 @@ def format_status(report: StatusReport, tz: dt.tzinfo) -> str:
                 format_bytes(d.reclaimed_bytes[1]),
                 format_bytes(d.reclaimed_bytes[7]),
                 format_bytes(d.reclaimed_bytes[30]),
-                _bytes(d.allocated_bytes),
-                _signed(d.growth_7d_bytes),
-                _bytes(d.reclaimable_bytes),
-                _when(d.next_run_ts, tz),
+                format_size_or_dash(d.allocated_bytes),
+                format_signed_size(d.growth_7d_bytes),
+                format_size_or_dash(d.reclaimable_bytes),
+                format_local_minute(d.next_run_ts, tz),
             )
         )
     lines.extend(render_table(header, rows))

@@ -191,31 +191,18 @@ class State:
                 self._last_success[domain] = max(finished, self._last_success.get(domain, finished))
 
     def _apply_disk_record(self, domain: str, disk: DiskRecord) -> None:
-        if disk.not_measured is not None:
-            disks = self._disks.setdefault(domain, {})
-            old = disks.get(disk.disk)
-            disks[disk.disk] = DiskState(
-                domain=domain,
-                disk=disk.disk,
-                path=disk.path,
-                format=disk.format,
-                bus=disk.bus,
-                discard=disk.discard,
-                allocated_bytes=None,
-                virtual_bytes=None,
-                file_bytes=None,
-                discard_ready=old.discard_ready if old else None,
-                not_measured=disk.not_measured,
-            )
+        # A disk that could not be measured keeps its description and says why; its
+        # sizes are unknown now, never 0 (the collector then omits those series).
+        measured = disk.not_measured is None
+        if measured and disk.allocated_after is None:
             return
-        if disk.allocated_after is None:
-            return
-        if disk.reclaimed_bytes is not None:
+        if measured and disk.reclaimed_bytes is not None:
             key = (domain, disk.disk)
             # Create the series at 0 even for a zero reclaim, so rate() sees the first rise.
             self._reclaimed[key] = self._reclaimed.get(key, 0) + max(disk.reclaimed_bytes, 0)
         disks = self._disks.setdefault(domain, {})
-        old = disks.get(disk.disk)
+        old = disks.get(disk.disk) if measured else None
+        kept = disks.get(disk.disk)
         disks[disk.disk] = DiskState(
             domain=domain,
             disk=disk.disk,
@@ -223,14 +210,17 @@ class State:
             format=disk.format,
             bus=disk.bus,
             discard=disk.discard,
-            allocated_bytes=disk.allocated_after,
-            virtual_bytes=_newer(disk.virtual_size, old.virtual_bytes if old else None),
-            file_bytes=_newer(disk.file_size, old.file_bytes if old else None),
-            discard_ready=old.discard_ready if old else None,
-            effective=_newer(disk.effective, old.effective if old else None),
+            allocated_bytes=disk.allocated_after if measured else None,
+            virtual_bytes=_newer(disk.virtual_size, old.virtual_bytes)
+            if old
+            else disk.virtual_size,
+            file_bytes=_newer(disk.file_size, old.file_bytes) if old else disk.file_size,
+            discard_ready=kept.discard_ready if kept else None,
+            effective=_newer(disk.effective, old.effective) if old else disk.effective,
             reclaimable_bytes=old.reclaimable_bytes if old else None,
-            last_guest_used_bytes=old.last_guest_used_bytes if old else None,
-            last_guest_used_ts=old.last_guest_used_ts if old else None,
+            last_guest_used_bytes=kept.last_guest_used_bytes if kept else None,
+            last_guest_used_ts=kept.last_guest_used_ts if kept else None,
+            not_measured=disk.not_measured,
         )
 
     def _observe_duration(self, seconds: float) -> None:

@@ -13,7 +13,14 @@ import html
 from collections.abc import Iterable, Sequence
 
 from virt_trimd.engine.status import DiskSeries, DomainStatus, StatusCharts, StatusReport
-from virt_trimd.units import format_bytes, format_duration
+from virt_trimd.records import stamp_ts
+from virt_trimd.units import (
+    format_bytes,
+    format_duration,
+    format_local_minute,
+    format_signed_size,
+    format_size_or_dash,
+)
 
 # No script, no other origin; inline styles only (the page's one <style> element).
 CONTENT_SECURITY_POLICY = (
@@ -48,30 +55,11 @@ def _e(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _when(ts: float | None, tz: dt.tzinfo) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, tz).strftime("%Y-%m-%d %H:%M")
-
-
 def _iso_when(stamp: str, tz: dt.tzinfo) -> str:
     try:
-        moment = dt.datetime.fromisoformat(stamp)
+        return format_local_minute(stamp_ts(stamp), tz)
     except ValueError:
         return stamp
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)  # started_at is UTC (records.TrimRecord)
-    return _when(moment.timestamp(), tz)
-
-
-def _bytes(value: int | None) -> str:
-    return "-" if value is None else format_bytes(value)
-
-
-def _signed(value: int | None) -> str:
-    if value is None:
-        return "-"
-    return ("+" if value > 0 else "") + format_bytes(value)
 
 
 def render_status_page(
@@ -104,7 +92,7 @@ def _freshness(report: StatusReport, tz: dt.tzinfo) -> str:
     if report.data_as_of_ts is None:
         return '<p class="stale">No census recorded yet.</p>'
     age = format_duration(round(max(report.generated_ts - report.data_as_of_ts, 0.0)))
-    text = f"Latest census {_e(_when(report.data_as_of_ts, tz))} ({_e(age)} ago)"
+    text = f"Latest census {_e(format_local_minute(report.data_as_of_ts, tz))} ({_e(age)} ago)"
     if report.stale:
         return f'<p class="stale">{text}: stale, the census is not running.</p>'
     return f'<p class="fresh">{text}.</p>'
@@ -116,11 +104,11 @@ def _totals(report: StatusReport, tz: dt.tzinfo) -> str:
         ("Reclaimed, 7 days", format_bytes(report.total_reclaimed(7))),
         ("Reclaimed, 30 days", format_bytes(report.total_reclaimed(30))),
         ("Allocated now", format_bytes(report.allocated_bytes)),
-        ("Growth, 7 days", _signed(report.growth_7d_bytes)),
+        ("Growth, 7 days", format_signed_size(report.growth_7d_bytes)),
         ("Reclaimable now", format_bytes(report.reclaimable_bytes)),
         ("Domains", str(len(report.domains))),
         ("Need attention", str(report.needs_attention)),
-        ("Next run", _when(report.next_run_ts, tz)),
+        ("Next run", format_local_minute(report.next_run_ts, tz)),
     ]
     cells = "".join(f"<li>{_e(label)}<b>{_e(value)}</b></li>" for label, value in items)
     return f'<ul class="totals" id="totals">{cells}</ul>'
@@ -148,13 +136,13 @@ def _domain_table(domains: Sequence[DomainStatus], tz: dt.tzinfo) -> str:
             format_bytes(d.reclaimed_bytes[1]),
             format_bytes(d.reclaimed_bytes[7]),
             format_bytes(d.reclaimed_bytes[30]),
-            _bytes(d.allocated_bytes),
-            _signed(d.growth_7d_bytes),
-            _bytes(d.reclaimable_bytes),
+            format_size_or_dash(d.allocated_bytes),
+            format_signed_size(d.growth_7d_bytes),
+            format_size_or_dash(d.reclaimable_bytes),
         ]
         row = "".join(f"<td>{c}</td>" for c in cells)
         row += "".join(f'<td class="num">{_e(n)}</td>' for n in nums)
-        row += f"<td>{_e(_when(d.next_run_ts, tz))}</td>"
+        row += f"<td>{_e(format_local_minute(d.next_run_ts, tz))}</td>"
         klass = ' class="attn"' if d.needs_attention else ""
         rows.append(f"<tr{klass}>{row}</tr>")
         if d.reasons:
@@ -232,8 +220,8 @@ def _disk_charts(series: Sequence[DiskSeries], tz: dt.tzinfo) -> str:
         caption = (
             f"{_e(s.domain)} / {_e(s.disk)}: "
             f'<span class="legend-alloc">allocated {_e(format_bytes(latest[1]))}</span>, '
-            f'<span class="legend-used">guest used {_e(_bytes(latest[2]))}</span>'
-            f" ({_e(_when(t0, tz))} to {_e(_when(t1, tz))})"
+            f'<span class="legend-used">guest used {_e(format_size_or_dash(latest[2]))}</span>'
+            f" ({_e(format_local_minute(t0, tz))} to {_e(format_local_minute(t1, tz))})"
         )
         figures.append(
             f'<figure><svg class="disk-chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 '
