@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from virt_trimd.cli.commands import setup_logging
 from virt_trimd.engine.state import State
-from virt_trimd.engine.trim import _log_record
+from virt_trimd.engine.trim import log_record
 from virt_trimd.escaping import SafeFormatter, escape_control
 from virt_trimd.host.agent import parse_fstrim_return
 from virt_trimd.records import DiskRecord, Result, TrimRecord
@@ -86,7 +86,7 @@ def _hostile_record() -> TrimRecord:
 
 
 def test_trim_log_lines_cannot_be_forged(stderr_log: io.StringIO) -> None:
-    _log_record(_hostile_record())
+    log_record(_hostile_record())
     lines = stderr_log.getvalue().splitlines()
     assert len(lines) == 2  # the record and its per-disk debug line
     assert all(LINE.match(line) for line in lines), lines

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from virt_trimd.engine.trim import _log_record, apply_effectiveness, guest_used_by_disk
+from virt_trimd.engine.trim import apply_effectiveness, guest_used_by_disk, log_record
 from virt_trimd.host.agent import GuestFilesystem
-from virt_trimd.records import DiskRecord, Result, TrimRecord
+from virt_trimd.records import DiskRecord, Method, Result, TrimRecord
 
 MiB = 1 << 20
 
@@ -85,7 +85,7 @@ def test_unseen_image_is_logged_as_not_measured_never_as_zero(
         not_measured="cannot stat /tmp/guest.qcow2: No such file or directory",
     )
     with caplog.at_level(logging.INFO, logger="virt_trimd"):
-        _log_record(_record(hidden))
+        log_record(_record(hidden))
     [rec] = caplog.records
     line = rec.getMessage()
     assert "reclaimed: not measured" in line
@@ -104,8 +104,27 @@ def test_partly_measured_domain_logs_bytes_and_the_unmeasured_disk(
         not_measured="block disk: only image files are measured",
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="virt_trimd"):
-        _log_record(_record(seen, hidden))
+        log_record(_record(seen, hidden))
     [rec] = caplog.records
     assert f"reclaimed {4 * MiB} bytes" in rec.getMessage()
     assert rec.__dict__["RECLAIMED_BYTES"] == 4 * MiB
     assert "not measured: sdb (/dev/vg/x): block disk" in rec.getMessage()
+
+
+def test_offline_records_share_the_line_and_its_not_measured_rule(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # engine/offline.py logs through log_record with its own logger; it used to print
+    # "reclaimed 0 bytes" for an image it could not measure.
+    hidden = DiskRecord(
+        disk="vda", path="/tmp/off.qcow2", format="qcow2", bus="virtio", discard="unmap",
+        not_measured="cannot stat /tmp/off.qcow2: No such file or directory",
+    )  # fmt: skip
+    record = replace(_record(hidden), method=Method.SPARSIFY)
+    with caplog.at_level(logging.INFO, logger="virt_trimd"):
+        log_record(record, logging.getLogger("virt_trimd.offline"))
+    [rec] = caplog.records
+    assert rec.name == "virt_trimd.offline"
+    assert rec.getMessage().startswith("web1: offline success, reclaimed: not measured")
+    assert rec.__dict__["METHOD"] == "sparsify"
+    assert "RECLAIMED_BYTES" not in rec.__dict__

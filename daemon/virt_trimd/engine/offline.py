@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from virt_trimd.config.model import OfflineConfig
-from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, utc_now_iso
+from virt_trimd.engine.trim import DomainTrimmer, TrimOptions, log_record, utc_now_iso
 from virt_trimd.host.agent import HypervisorError
 from virt_trimd.host.measure import MeasureError
 from virt_trimd.host.sparsify import (
@@ -232,23 +232,7 @@ class OfflineReclaimer:
                 method=Method.SPARSIFY,
                 trigger=opts.trigger,
             )
-            level = logging.WARNING if result.needs_attention else logging.INFO
-            log.log(
-                level,
-                "%s: offline %s, reclaimed %d bytes in %.1fs: %s",
-                dom.name,
-                result.value,
-                record.reclaimed_bytes,
-                record.duration_seconds,
-                message,
-                extra={
-                    "DOMAIN": dom.name,
-                    "RESULT": result.value,
-                    "METHOD": Method.SPARSIFY.value,
-                    "TRIGGER": record.trigger or "schedule",
-                    "RECLAIMED_BYTES": record.reclaimed_bytes,
-                },
-            )
+            log_record(record, log)
             return record
 
         if dom.running:

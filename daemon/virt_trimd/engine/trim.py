@@ -210,7 +210,7 @@ class DomainTrimmer:
                 dry_run=opts.dry_run,
                 trigger=opts.trigger,
             )
-            _log_record(record)
+            log_record(record)
             return record
 
         if not dom.running:
@@ -362,7 +362,12 @@ def not_measured_text(disks: Sequence[DiskRecord]) -> str:
     )
 
 
-def _log_record(record: TrimRecord) -> None:
+def log_record(record: TrimRecord, logger: logging.Logger = log) -> None:
+    """The record's one journal line with DOMAIN, RESULT, METHOD, TRIGGER fields.
+
+    Offline reclaims use it too (with their own logger, so `virt_trimd.offline` filters
+    keep working): an image that could not be measured reads "not measured" for both.
+    """
     level = logging.INFO
     if record.result.needs_attention:
         level = logging.WARNING
@@ -384,10 +389,12 @@ def _log_record(record: TrimRecord) -> None:
     if unmeasured:
         fields["NOT_MEASURED"] = unmeasured
         message += f"; not measured: {unmeasured}"
-    log.log(
+    offline = "offline " if record.method is Method.SPARSIFY else ""
+    logger.log(
         level,
-        "%s: %s, %s in %.1fs: %s",
+        "%s: %s%s, %s in %.1fs: %s",
         record.domain,
+        offline,
         record.result.value,
         reclaimed,
         record.duration_seconds,
