@@ -143,3 +143,54 @@ def test_a_trigger_only_schedule_installs_no_time_job(tmp_path: Path) -> None:
         assert [j.id for j in daemon.scheduler.get_jobs()] == ["history-prune"]
     finally:
         daemon.scheduler.shutdown(wait=False)  # type: ignore[union-attr]
+
+
+def _restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dom: DomainInfo) -> Daemon:
+    """A new daemon over the same config, state directory and (untouched) image."""
+    cfg = tmp_path / "c.yaml"
+    daemon = Daemon(load_config(cfg), cfg, hostname="host")
+    monkeypatch.setattr(daemon, "_list_domains", lambda: [dom])
+    fs = GuestFilesystem("/", "ext4", ("vda",), 0, 64 * MIB)
+    monkeypatch.setattr(daemon.hv, "guest_filesystems", lambda uuid: [fs])
+    daemon.open_history()
+    return daemon
+
+
+def test_a_restart_keeps_the_growth_baseline_of_the_last_helpful_trim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon, dom, image = _setup(tmp_path, monkeypatch, "    every: 1d\n    growth: 4MiB\n")
+    daemon.open_history()
+    fake = FakeTrimmer(image, effective=True, shrink_to=0)
+    daemon.trimmer = fake  # type: ignore[assignment]
+    _census(daemon)  # baseline 8 MiB
+    with image.open("ab") as fh:
+        fh.write(os.urandom(5 * MIB))
+    _census(daemon)  # grew 5 MiB: trimmed down to 0, which the history keeps
+    assert [o.trigger for o in fake.calls] == ["growth"]
+    assert daemon.history is not None
+    daemon.history.close()
+
+    restarted = _restart(tmp_path, monkeypatch, dom)
+    assert restarted.growth_baseline == {"u-web": 0}
+    # An ineffective trim after it must not become the baseline after the next restart.
+    with image.open("ab") as fh:
+        fh.write(os.urandom(3 * MIB))
+    restarted.record(FakeTrimmer(image, effective=False).trim(dom, fake.calls[0]))
+    assert restarted.history is not None
+    restarted.history.close()
+
+    again = _restart(tmp_path, monkeypatch, dom)
+    assert again.growth_baseline == {"u-web": 0}
+    # 3 MiB above the restored baseline: not yet. 2 MiB more and the trigger fires, where
+    # a baseline taken at the first census after the restart would wait for 4 MiB more.
+    trimmer = FakeTrimmer(image, effective=True)
+    again.trimmer = trimmer  # type: ignore[assignment]
+    _census(again)
+    assert trimmer.calls == []
+    with image.open("ab") as fh:
+        fh.write(os.urandom(2 * MIB))
+    _census(again)
+    assert [o.trigger for o in trimmer.calls] == ["growth"]
+    assert again.history is not None
+    again.history.close()

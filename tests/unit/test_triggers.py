@@ -6,7 +6,7 @@ import dataclasses
 
 from support.records import GIB, disk_record, trim_record
 from virt_trimd.config.model import ScheduleConfig, parse_config
-from virt_trimd.engine.triggers import Backoff, could_not_help, due
+from virt_trimd.engine.triggers import Backoff, baseline_after, could_not_help, due
 from virt_trimd.records import Result
 
 
@@ -49,6 +49,18 @@ def test_what_counts_as_not_helping() -> None:
     assert "ineffective" in str(could_not_help(ineffective, None))
     failed = trim_record(result=Result.AGENT_UNAVAILABLE)
     assert "agent_unavailable" in str(could_not_help(failed, 4 * GIB))
+
+
+def test_which_records_set_the_growth_baseline() -> None:
+    two = (disk_record("vda", after=2 * GIB), disk_record("vdb", after=1 * GIB))
+    assert baseline_after(trim_record(disks=two)) == 3 * GIB
+    assert baseline_after(trim_record(result=Result.PARTIAL, disks=two)) == 3 * GIB
+    # Not measured afterwards, a dry run, a failure or an ineffective trim: no baseline.
+    assert baseline_after(trim_record(disks=(disk_record(after=None),))) is None
+    assert baseline_after(trim_record(disks=two, dry_run=True)) is None
+    assert baseline_after(trim_record(result=Result.TIMEOUT, disks=two)) is None
+    ineffective = (disk_record("vda", after=2 * GIB, effective=False), two[1])
+    assert baseline_after(trim_record(disks=ineffective)) is None
 
 
 def test_backoff_doubles_up_to_a_day_and_ends_when_a_trim_helps() -> None:

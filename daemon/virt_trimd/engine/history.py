@@ -707,6 +707,23 @@ class History:
         )
         return [(str(d), float(t), int(r)) for d, t, r in rows]
 
+    def latest_successes_by_uuid(self, per_uuid: int) -> dict[str, list[TrimRecord]]:
+        """Domain UUID -> its newest `per_uuid` success or partial trims, newest first.
+
+        Dry runs excluded. What growth triggers restore their baseline from.
+        """
+        rows = self._read(
+            "SELECT id, uuid, record_json FROM (SELECT id, uuid, record_json, started_ts,"
+            " ROW_NUMBER() OVER (PARTITION BY uuid ORDER BY started_ts DESC, id DESC) AS n"
+            " FROM trims WHERE result IN (?, ?) AND dry_run = 0)"
+            " WHERE n <= ? ORDER BY uuid, started_ts DESC, id DESC",
+            (Result.SUCCESS.value, Result.PARTIAL.value, max(per_uuid, 0)),
+        )
+        out: dict[str, list[TrimRecord]] = {}
+        for row_id, uuid, text in rows:
+            out.setdefault(str(uuid), []).append(_decode(row_id, text, self.path))
+        return out
+
     def latest_trim_by_domain(self) -> dict[str, TrimRecord]:
         """Domain -> its latest trim record of any result (dry runs excluded)."""
         rows = self._read(

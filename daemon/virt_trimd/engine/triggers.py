@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 
 from virt_trimd.config.model import ScheduleConfig
-from virt_trimd.records import TrimRecord
+from virt_trimd.records import Result, TrimRecord
 from virt_trimd.units import format_bytes
 
 MAX_BACKOFF_SECONDS = 86400.0
@@ -66,6 +66,21 @@ def due(
             f"{format_bytes(reclaimable_bytes)} reclaimable (reclaimable: {format_bytes(limit)})",
         )
     return None
+
+
+def baseline_after(record: TrimRecord) -> int | None:
+    """The growth baseline a record sets: its images' allocation after a trim that helped.
+
+    None when it sets none: a dry run, a trim that failed, or one that was ineffective
+    (the guest is still as full; the backoff, not a reset baseline, keeps triggers from
+    firing at every census), or one whose disks were not measured afterwards.
+    """
+    if record.dry_run or record.result not in (Result.SUCCESS, Result.PARTIAL):
+        return None
+    if any(d.effective is False for d in record.disks):
+        return None
+    after = [d.allocated_after for d in record.disks if d.allocated_after is not None]
+    return sum(after) if after else None
 
 
 def could_not_help(record: TrimRecord, threshold_bytes: int | None) -> str | None:

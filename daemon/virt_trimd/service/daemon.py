@@ -53,7 +53,7 @@ from virt_trimd.engine.sweep import (
     run_sweep,
     select_domains,
 )
-from virt_trimd.engine.triggers import Backoff, Due, could_not_help, due
+from virt_trimd.engine.triggers import Backoff, Due, baseline_after, could_not_help, due
 from virt_trimd.engine.trim import (
     DomainTrimmer,
     TrimOptions,
@@ -88,6 +88,8 @@ LIBVIRT_CHECK_SECONDS = 5.0
 MAX_RECONNECT_BACKOFF_SECONDS = 60.0
 # How many of the newest history records seed the last guest-used figures at start.
 LAST_GUEST_USED_RECORDS = 5000
+# Successful trims read back per domain to find its last helpful one (growth baseline).
+GROWTH_BASELINE_CANDIDATES = 4
 
 
 @dataclass
@@ -181,7 +183,30 @@ class Daemon:
         except HistoryError as exc:
             log.error("cannot read history: %s", exc)
         self._restore_last_guest_used()
+        self._restore_growth_baselines()
         self.prune_history()
+
+    def _restore_growth_baselines(self) -> None:
+        """Seed growth baselines from each domain's last helpful trim in history.
+
+        Without this a restart would count growth from the first census after it, and a
+        guest that had grown most of its threshold before the restart would have to grow
+        all of it again. Read whatever the schedules say (a reload may add a growth
+        trigger); only the newest few successful trims per domain are read.
+        """
+        if self.history is None:
+            return
+        try:
+            candidates = self.history.latest_successes_by_uuid(GROWTH_BASELINE_CANDIDATES)
+        except HistoryError as exc:
+            log.error("cannot read history: %s", exc)
+            return
+        for uuid, records in candidates.items():  # newest first
+            for rec in records:
+                baseline = baseline_after(rec)
+                if baseline is not None:
+                    self.growth_baseline[uuid] = baseline
+                    break
 
     def _restore_last_guest_used(self) -> None:
         """Seed last_guest_used from the newest records (bounded read)."""
@@ -610,16 +635,10 @@ class Daemon:
         if rec.result.attempted and not rec.dry_run:
             self.last_duration[rec.uuid] = rec.duration_seconds
         self._note_guest_used(rec)
-        helped = rec.result in (Result.SUCCESS, Result.PARTIAL) and not any(
-            d.effective is False for d in rec.disks
-        )
-        if helped and not rec.dry_run:
-            # Growth counts from the last trim that really gave space back: after an
-            # ineffective one the guest is still as full, and the backoff (not a reset
-            # baseline) is what keeps triggers from firing at every census.
-            after = [d.allocated_after for d in rec.disks if d.allocated_after is not None]
-            if after:
-                self.growth_baseline[rec.uuid] = sum(after)
+        # Growth counts from the last trim that really gave space back.
+        baseline = baseline_after(rec)
+        if baseline is not None:
+            self.growth_baseline[rec.uuid] = baseline
         self.state.observe_trim(rec)
 
     def _warn_not_measured(self, domain: str, disk: str, reason: str) -> None:
