@@ -36,6 +36,8 @@ BENCHES: tuple[Bench, ...] = (
     Bench("sweep", True, "sweep time on N real guests: run --once K=1/K=4 vs the shell loop"),
     Bench("overhead", True, "per-guest overhead over the raw guest-fstrim round trip"),
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),
+    Bench("sparsify", True, "virt-trimd sparsify vs bare virt-sparsify --in-place, same image"),
+    Bench("growth", True, "growth trigger: garbage on the host image to the trim's start"),
 )
 NAMES = [b.name for b in BENCHES]
 
@@ -62,6 +64,14 @@ def _runner(name: str) -> Callable[..., BenchResult]:
         from bench import overhead
 
         return overhead.run
+    if name == "sparsify":
+        from bench import sparsify
+
+        return sparsify.run
+    if name == "growth":
+        from bench import growth
+
+        return growth.run
     from bench import idle
 
     return idle.run
@@ -181,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-guests",
         action="store_true",
-        help="skip the benchmarks that boot guests (sweep, overhead, idle)",
+        help="skip the benchmarks that boot guests (sweep, overhead, idle, sparsify, growth)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
     parser.add_argument(

@@ -59,6 +59,8 @@ class GuestPool:
         self._boot: rig.BootFiles | None = None
         self.boot_seconds: dict[int, float] = {}
         self._pending: list[str] = []
+        # Guests a benchmark made itself (e.g. sparsify's shut-off one), removed in close().
+        self.extra_domains: list[str] = []
 
     def open(self) -> None:
         """Connect to qemu:///system and build (or reuse) the rig boot files; RigError."""
@@ -120,12 +122,13 @@ class GuestPool:
         """Destroy every benchmark guest this process started."""
         if self._conn is None:
             return
-        names = [h.name for h in self.handles] + self._pending
+        names = [h.name for h in self.handles] + self._pending + self.extra_domains
         for name in names:
             try:
                 rig.destroy_guest(self._conn, name)
             except rig.RigError as exc:
                 log.warning("cleanup: %s", exc)
         self.handles = []
+        self.extra_domains = []
         self._conn.close()
         self._conn = None
