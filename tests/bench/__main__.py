@@ -36,6 +36,11 @@ BENCHES: tuple[Bench, ...] = (
     Bench("sweep", True, "sweep time on N real guests: run --once K=1/K=4 vs the shell loop"),
     Bench("overhead", True, "per-guest overhead over the raw guest-fstrim round trip"),
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),
+    Bench(
+        "system",
+        True,
+        "packaged service in Debian 12/13 containers: idle RSS vs the floor, systemd start-up",
+    ),
 )
 NAMES = [b.name for b in BENCHES]
 
@@ -62,9 +67,13 @@ def _runner(name: str) -> Callable[..., BenchResult]:
         from bench import overhead
 
         return overhead.run
-    from bench import idle
+    if name == "idle":
+        from bench import idle
 
-    return idle.run
+        return idle.run
+    from bench import system
+
+    return system.run
 
 
 def run_selected(
@@ -181,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-guests",
         action="store_true",
-        help="skip the benchmarks that boot guests (sweep, overhead, idle)",
+        help="skip the benchmarks that boot guests (sweep, overhead, idle, system)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
     parser.add_argument(
