@@ -22,8 +22,6 @@ import libvirt
 import pytest
 
 import rig
-# Re-exported: test_package imports it from here; the bench harness from debhost.
-from system.debhost import add_libvirt_group as add_libvirt_group
 
 ROOT = Path(__file__).resolve().parents[2]
 # The figure README claims for the live `systemd-analyze security` of the packaged unit.
