@@ -97,7 +97,8 @@ while True:
     time.sleep(3600)
 """
 
-# argv: module names. Prints one JSON document: VmRSS (KiB) at each step. json is
+# argv: module names. Prints one JSON document: VmRSS (KiB) after each floor line, then
+# after each module. json is
 # imported at the end, so that it is measured where the daemon imports it.
 IMPORTS_SCRIPT = f"""\
 import importlib, sys
@@ -106,7 +107,10 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
 steps = [["(interpreter)", rss(), len(sys.modules), ""]]
-{FLOOR_IMPORTS}
+floor_steps = []
+for stmt in {FLOOR_IMPORTS.splitlines()!r}:
+    exec(stmt)  # one floor line at a time: the floor's own table
+    floor_steps.append([stmt, rss()])
 steps.append(["(floor)", rss(), len(sys.modules), ""])
 floor = sorted(sys.modules)
 for name in sys.argv[1:]:
@@ -120,7 +124,7 @@ for name in sys.argv[1:]:
         err = type(exc).__name__ + ": " + str(exc)
     steps.append([name, rss(), len(sys.modules), err, sorted(set(sys.modules) - before)])
 import json
-print(json.dumps({{"steps": steps, "floor_modules": floor}}))
+print(json.dumps({{"steps": steps, "floor_steps": floor_steps, "floor_modules": floor}}))
 """
 
 IMPORTTIME_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
@@ -636,6 +640,7 @@ def samples_of(r: Release) -> dict[str, Any]:
         "daemon_modules": len(r.daemon_modules),
         "import_steps": r.imports.get("steps"),
         "import_table_kib": import_table(r.imports),
+        "floor_steps": r.imports.get("floor_steps"),
         "journal_warnings": r.journal_warnings[-20:],
         "censuses_in_window": r.censuses,
     }
