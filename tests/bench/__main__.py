@@ -7,6 +7,7 @@ reported, not enforced), 1 when one failed or could not run, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -27,6 +28,11 @@ class Bench:
     name: str
     needs_guests: bool
     what: str
+    module: str = ""  # tests/bench/<module>.py, default the name with - as _
+
+    @property
+    def module_name(self) -> str:
+        return "bench." + (self.module or self.name.replace("-", "_"))
 
 
 BENCHES: tuple[Bench, ...] = (
@@ -38,43 +44,20 @@ BENCHES: tuple[Bench, ...] = (
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),
     Bench("sparsify", True, "virt-trimd sparsify vs bare virt-sparsify --in-place, same image"),
     Bench("growth", True, "growth trigger: garbage on the host image to the trim's start"),
+    Bench(
+        "system",
+        True,
+        "packaged service in Debian 12/13 containers: idle RSS vs the floor, systemd start-up",
+    ),
 )
 NAMES = [b.name for b in BENCHES]
 
 
 def _runner(name: str) -> Callable[..., BenchResult]:
     # Imported on use: the guest benchmarks need libvirt, the others must not.
-    if name == "census":
-        from bench import census
-
-        return census.run
-    if name == "scrape":
-        from bench import scrape
-
-        return scrape.run
-    if name == "startup":
-        from bench import startup
-
-        return startup.run
-    if name == "sweep":
-        from bench import sweep
-
-        return sweep.run
-    if name == "overhead":
-        from bench import overhead
-
-        return overhead.run
-    if name == "sparsify":
-        from bench import sparsify
-
-        return sparsify.run
-    if name == "growth":
-        from bench import growth
-
-        return growth.run
-    from bench import idle
-
-    return idle.run
+    bench = next(b for b in BENCHES if b.name == name)
+    run: Callable[..., BenchResult] = importlib.import_module(bench.module_name).run
+    return run
 
 
 def run_selected(
@@ -191,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-guests",
         action="store_true",
-        help="skip the benchmarks that boot guests (sweep, overhead, idle, sparsify, growth)",
+        help="skip the benchmarks that boot guests or containers: "
+        + ", ".join(b.name for b in BENCHES if b.needs_guests),
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
     parser.add_argument(

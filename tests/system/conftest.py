@@ -22,7 +22,6 @@ import libvirt
 import pytest
 
 import rig
-from system.debhost import DebianHost
 
 ROOT = Path(__file__).resolve().parents[2]
 # The figure README claims for the live `systemd-analyze security` of the packaged unit.
@@ -118,13 +117,3 @@ def image_root() -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def add_libvirt_group(host: DebianHost) -> None:
-    """Give the container the host's libvirt group (same number), as libvirt-daemon-system
-    would on a real host: the socket's group is checked by number.
-
-    Written into /etc/group directly: a minimal Debian 13 has no groupadd (passwd).
-    """
-    gid = grp.getgrnam("libvirt").gr_gid
-    host.sh(f"echo 'libvirt:x:{gid}:' >>/etc/group && echo 'libvirt:!::' >>/etc/gshadow")

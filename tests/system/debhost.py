@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import hashlib
 import json
 import logging
@@ -355,3 +356,13 @@ def booted(
         yield host
     finally:
         host.shutdown()
+
+
+def add_libvirt_group(host: DebianHost) -> None:
+    """Give the container the host's libvirt group (same number), as libvirt-daemon-system
+    would on a real host: the socket's group is checked by number.
+
+    Written into /etc/group directly: a minimal Debian 13 has no groupadd (passwd).
+    """
+    gid = grp.getgrnam("libvirt").gr_gid
+    host.sh(f"echo 'libvirt:x:{gid}:' >>/etc/group && echo 'libvirt:!::' >>/etc/gshadow")

@@ -31,8 +31,8 @@ import rig
 from e2e.prom_helpers import PrometheusProc
 from support.files import free_port
 from system.ansible_run import PlayResult, run_playbook, write_inventory
-from system.conftest import Debs, add_libvirt_group
-from system.debhost import DebianHost, booted, wait_until
+from system.conftest import Debs
+from system.debhost import DebianHost, add_libvirt_group, booted, wait_until
 from unit.promql_names import dashboard_exprs
 from virt_trimd.config.model import StorageGroupConfig
 from virt_trimd.engine.storage_group import members_digest, slot_of

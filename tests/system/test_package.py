@@ -24,8 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import rig
 from support.files import free_port
-from system.conftest import README_SECURITY, Debs, add_libvirt_group
-from system.debhost import DebianHost, booted, default_port, wait_until
+from system.conftest import README_SECURITY, Debs
+from system.debhost import DebianHost, add_libvirt_group, booted, default_port, wait_until
 
 CLUSTER = 64 * 1024
 # apt fetches from the mirror inside these tests: a slow mirror is not a hang.

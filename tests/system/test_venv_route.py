@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from system.conftest import ROOT, add_libvirt_group
-from system.debhost import booted, default_port, wait_until
+from system.conftest import ROOT
+from system.debhost import add_libvirt_group, booted, default_port, wait_until
 
 # apt fetches from the mirror inside these tests: a slow mirror is not a hang.
 pytestmark = pytest.mark.timeout(900)
