@@ -33,6 +33,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("census", False, "measurement cost: census of image files, stat+cache vs qemu-img"),
     Bench("scrape", False, "/metrics latency and size with a large injected state"),
     Bench("startup", False, "exec to READY=1 on a real NOTIFY_SOCKET"),
+    Bench("scale", False, "our code's growth: 100/1,000/5,000 stand-in domains x 4 disks"),
     Bench("sweep", True, "sweep time on N real guests: run --once K=1/K=4 vs the shell loop"),
     Bench("overhead", True, "per-guest overhead over the raw guest-fstrim round trip"),
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),
@@ -54,6 +55,10 @@ def _runner(name: str) -> Callable[..., BenchResult]:
         from bench import startup
 
         return startup.run
+    if name == "scale":
+        from bench import scale
+
+        return scale.run
     if name == "sweep":
         from bench import sweep
 

@@ -114,6 +114,19 @@ _SCHEMA_V2 = (
     """,
 )
 
+# Indexes for the status report's per-domain reads, created (IF NOT EXISTS) at every
+# read-write open rather than by a schema version: an index changes no row, so a file
+# with them still opens in a virt-trimd that knows only v2, and one without them is
+# only slower. Without them each status read scanned every trim: at 1,000 domains and
+# a year (365,000 rows) a `status` took seconds (docs/BENCHMARKS.md, scale).
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS trims_started ON trims (started_ts)",
+    # Partial, so the latest success of each domain is one probe (queries must spell
+    # the same literal terms for SQLite to use it).
+    "CREATE INDEX IF NOT EXISTS trims_success_finished ON trims"
+    " (domain, started_ts + duration_seconds) WHERE result = 'success' AND dry_run = 0",
+)
+
 # (age in seconds, bucket in seconds): census rows older than `age` keep only the
 # latest sample of each `bucket`. Every census of the last day, hourly to 30 days (the
 # 7-day growth and the page's charts need no finer), daily beyond.
@@ -249,6 +262,8 @@ class History:
         # forget it (catch-up and min_interval read it back). Trims are rare, fsync is cheap.
         conn.execute("PRAGMA synchronous=FULL")
         self._migrate(conn)
+        for statement in _INDEXES:
+            conn.execute(statement)
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -414,10 +429,13 @@ class History:
         is the instant State.observe_trim uses, so a restart does not move the gauge.
         Dry runs never count.
         """
+        # One probe of trims_success_finished per domain (the literal terms match its
+        # WHERE); the domains come from trims_domain_started without reading rows.
+        assert Result.SUCCESS.value == "success"
         rows = self._read(
-            "SELECT domain, MAX(started_ts + duration_seconds) FROM trims"
-            " WHERE result = ? AND dry_run = 0 GROUP BY domain",
-            (Result.SUCCESS.value,),
+            "SELECT d.domain, (SELECT MAX(started_ts + duration_seconds) FROM trims"
+            " WHERE domain = d.domain AND result = 'success' AND dry_run = 0) AS finished"
+            " FROM (SELECT DISTINCT domain FROM trims) AS d WHERE finished IS NOT NULL"
         )
         return {str(d): float(ts) for d, ts in rows}
 
@@ -671,10 +689,12 @@ class History:
         if not self._has_census():
             return {}
         # One primary-key probe per disk, not a scan of every sample (a year at 1,000
-        # disks is over a million rows).
+        # disks is over a million rows). CROSS JOIN fixes the join order: with a plain
+        # JOIN SQLite's planner scanned every census row and ran the subquery for each
+        # (180 ms at 400 disks with a year of samples, 1.4 ms this way; BENCHMARKS.md).
         rows = self._read(
             "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
-            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " c.reclaimable_bytes FROM census_disks k CROSS JOIN census c ON c.disk_id = k.id"
             " AND c.ts = (SELECT MAX(ts) FROM census WHERE disk_id = k.id AND ts <= ?)",
             (int(ts),),
         )
@@ -689,7 +709,7 @@ class History:
             return {}
         rows = self._read(
             "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
-            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " c.reclaimable_bytes FROM census_disks k CROSS JOIN census c ON c.disk_id = k.id"
             " AND c.ts = (SELECT MIN(ts) FROM census WHERE disk_id = k.id AND ts >= ?)",
             (int(ts),),
         )
@@ -702,17 +722,19 @@ class History:
         """(domain, started_ts, reclaimed_bytes) of every real trim started at/after `since_ts`."""
         rows = self._read(
             "SELECT domain, started_ts, reclaimed_bytes FROM trims"
-            " WHERE dry_run = 0 AND started_ts >= ? ORDER BY started_ts",
+            " WHERE dry_run = 0 AND started_ts >= ? ORDER BY started_ts, id",
             (since_ts,),
         )
         return [(str(d), float(t), int(r)) for d, t, r in rows]
 
     def latest_trim_by_domain(self) -> dict[str, TrimRecord]:
         """Domain -> its latest trim record of any result (dry runs excluded)."""
+        # Per domain, one walk down trims_domain_started from its newest row (the index
+        # holds started_ts and id in order), not a window over every trim ever kept.
         rows = self._read(
-            "SELECT id, record_json FROM trims WHERE id IN ("
-            + _latest_ids("trims", "domain", "WHERE dry_run = 0")
-            + ")"
+            "SELECT t.id, t.record_json FROM (SELECT DISTINCT domain FROM trims) AS d"
+            " CROSS JOIN trims AS t ON t.id = (SELECT id FROM trims WHERE domain = d.domain"
+            " AND dry_run = 0 ORDER BY started_ts DESC, id DESC LIMIT 1)"
         )
         records = [_decode(row_id, text, self.path) for row_id, text in rows]
         return {r.domain: r for r in records}

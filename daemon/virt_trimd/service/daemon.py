@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
     from prometheus_client import CollectorRegistry
 
+    from virt_trimd.web.collector import TrimdCollector
     from virt_trimd.web.server import MetricsServer
 
 # The scheduler, prometheus_client and the web server are imported where they are first
@@ -153,11 +154,16 @@ class Daemon:
         """The registry the metrics endpoint and `run --once --print-metrics` render."""
         from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        return registry
+
+    @functools.cached_property
+    def collector(self) -> TrimdCollector:
+        """The one collector of the registry, also behind the exposition cache."""
         from virt_trimd.web.collector import TrimdCollector  # noqa: PLC0415
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(TrimdCollector(self.state, __version__))
-        return registry
+        return TrimdCollector(self.state, __version__)
 
     # -- start-up ------------------------------------------------------------------
 
@@ -240,6 +246,7 @@ class Daemon:
     def start_metrics(self) -> None:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
         from virt_trimd.config.web import WebConfigError  # noqa: PLC0415
+        from virt_trimd.web.collector import ExpositionCache  # noqa: PLC0415
         from virt_trimd.web.server import MetricsServerError, start_metrics_server  # noqa: PLC0415
 
         m = self.config.metrics
@@ -252,6 +259,8 @@ class Daemon:
                 m.listen_port,
                 m.web_config_file,
                 cache_key=self.state.snapshot,
+                # A change (one trim of a sweep) re-encodes that domain's series only.
+                renderer=ExpositionCache(self.collector).render,
             )
         except WebConfigError as exc:
             # A bad web config is a configuration error: exit 2, systemd does not restart.
