@@ -57,8 +57,8 @@ class Worker:
         self.hello: dict[str, Any] = json.loads(line)
         self.port = int(self.hello["port"])
 
-    def change(self) -> None:
-        self.stdin.write("change\n")
+    def change(self, what: str = "change") -> None:
+        self.stdin.write(what + "\n")
         self.stdin.flush()
         if self.stdout.readline().strip() != "ok":
             raise RuntimeError("scale worker did not acknowledge the change")
@@ -116,6 +116,11 @@ def measure_size(domains: int, workdir: Path, smoke: bool) -> dict[str, Any]:
                 changed.append(scrape_once(worker.port, headers)[0])
             m[f"{kind} / cached"] = [round(x, 6) for x in cached]
             m[f"{kind} / after change"] = [round(x, 6) for x in changed]
+            after_census = []
+            for _ in range(1 if smoke else 5):
+                worker.change("census")
+                after_census.append(scrape_once(worker.port, headers)[0])
+            m[f"{kind} / after census"] = [round(x, 6) for x in after_census]
             m[f"{kind} / body_bytes"] = body
         m["page_s"] = [round(_get(worker.port, "/"), 6) for _ in range(2 if smoke else 5)]
         m["status_cli_s"] = [round(x, 6) for x in _status_cli(m["config"], 1 if smoke else 5)]
@@ -166,6 +171,11 @@ def rows_for(m: dict[str, Any]) -> list[Row]:
                     m[f"{kind} / after change"], scale=1000, stat=stat,
                     target=at_most(50.0, f"{stat} <= 50 ms") if at_1000 else None)
             )  # fmt: skip
+        out.append(
+            row("scale", f"{at}: /metrics {short}, first after a whole census", "ms",
+                m[f"{kind} / after census"], scale=1000,
+                note="a census changes every disk's series (allocation, timestamps)")
+        )  # fmt: skip
     year = m["year"]
     what = f"a year: {year['trims']} trims, {year['census_samples']} census samples"
     out += [
@@ -209,6 +219,16 @@ def growth_rows(sizes: dict[int, dict[str, Any]]) -> list[Row]:
                 per(b, "status_inproc_s") / big,
             ),
         }
+        # What each further domain costs, without the fixed part of the growth (SQLite's
+        # page cache, worker threads) that the per-domain figure of a small size carries.
+        grow_a = (a["rss_after_kib"] - a["rss_before_kib"]) * 1024
+        grow_b = (b["rss_after_kib"] - b["rss_before_kib"]) * 1024
+        out.append(
+            Row("scale", f"marginal RSS per domain {small}->{big}", "KB",
+                (grow_b - grow_a) / (big - small) / 1000, "each",
+                target=at_most(20.0, "<= 20 KB"),
+                note="RSS growth difference between the sizes / domains added")
+        )  # fmt: skip
         for what, (x, y) in pairs.items():
             value = y / x if x > 0 else float("nan")
             out.append(

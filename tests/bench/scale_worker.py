@@ -13,8 +13,8 @@ its GIL. It
    status report (build_status + format_status, what `virt-trimd status` runs);
 4. serves /metrics and / (page cache off, so every `/` renders) and prints one JSON
    line with all of the above and the port; then, until stdin closes, answers each
-   line "change" (one domain's trim recorded, as during a sweep) with "ok", and
-   "status" with a JSON line of in-process status timings.
+   line "change" (one domain's trim recorded, as during a sweep) or "census" (a whole
+   census run) with "ok", and "status" with a JSON line of in-process status timings.
 """
 
 from __future__ import annotations
@@ -303,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = latest[names[changes % len(names)]]
             changes += 1
             daemon.record(dataclasses.replace(rec, duration_seconds=rec.duration_seconds + 0.001))
+            print("ok", flush=True)
+        elif cmd == "census":  # every domain's disk series change (their timestamps)
+            daemon.census()
             print("ok", flush=True)
         elif cmd == "status":
             print(json.dumps(status_times(daemon, args.status_repeats)), flush=True)

@@ -429,15 +429,30 @@ class History:
         is the instant State.observe_trim uses, so a restart does not move the gauge.
         Dry runs never count.
         """
+        if not self._has_index("trims_success_finished"):
+            # A file no read-write open of this version has indexed yet (a reader
+            # before the upgraded daemon started): without the index, the per-domain
+            # form below would scan every success once per domain.
+            rows = self._read(
+                "SELECT domain, MAX(started_ts + duration_seconds) FROM trims"
+                " WHERE result = ? AND dry_run = 0 GROUP BY domain",
+                (Result.SUCCESS.value,),
+            )
+            return {str(d): float(ts) for d, ts in rows}
         # One probe of trims_success_finished per domain (the literal terms match its
         # WHERE); the domains come from trims_domain_started without reading rows.
         assert Result.SUCCESS.value == "success"
         rows = self._read(
-            "SELECT d.domain, (SELECT MAX(started_ts + duration_seconds) FROM trims"
-            " WHERE domain = d.domain AND result = 'success' AND dry_run = 0) AS finished"
-            " FROM (SELECT DISTINCT domain FROM trims) AS d WHERE finished IS NOT NULL"
+            "SELECT domain, finished FROM (SELECT d.domain, (SELECT MAX(started_ts"
+            " + duration_seconds) FROM trims WHERE domain = d.domain AND result = 'success'"
+            " AND dry_run = 0) AS finished FROM (SELECT DISTINCT domain FROM trims) AS d)"
+            " WHERE finished IS NOT NULL"
         )
         return {str(d): float(ts) for d, ts in rows}
+
+    def _has_index(self, name: str) -> bool:
+        rows = self._read("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
+        return bool(rows)
 
     def last_duration_by_uuid(self) -> dict[str, float]:
         """Domain UUID -> duration of its latest trim attempt, to start long ones first.
