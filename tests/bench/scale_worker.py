@@ -207,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--year", action="store_true", help="add a year of synthetic history")
     parser.add_argument("--status-repeats", type=int, default=5)
     parser.add_argument("--profile", type=Path, help="cProfile the censuses and sweeps here")
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="print what the censuses and sweeps kept"
+    )
     args = parser.parse_args(argv)
 
     n = args.domains
@@ -240,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gc.collect()
     rss0 = rss_kib()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start()
+        traced0 = tracemalloc.take_snapshot()
     profiler = None
     if args.profile is not None:
         import cProfile
@@ -262,6 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         profiler.dump_stats(str(args.profile))
     gc.collect()
     rss1 = rss_kib()
+    if args.tracemalloc:
+        top = tracemalloc.take_snapshot().compare_to(traced0, "lineno")
+        total = sum(x.size_diff for x in top)
+        sys.stderr.write(f"tracemalloc: {total / n:.0f} B per domain kept\n")
+        for stat in top[:15]:
+            sys.stderr.write(f"  {stat.size_diff / n:8.0f} B/domain  {stat.traceback}\n")
     # The independent check: every disk's allocation in the state is os.stat's.
     snap = daemon.state.snapshot()
     expect = {p: os.stat(p).st_blocks * 512 for d in conn.domains for p in _paths(d)}
