@@ -66,31 +66,43 @@ def _trim(state: State, domain: str, result: Result, n: int) -> None:
     )
 
 
-def _check(cache: ExpositionCache, registry: CollectorRegistry) -> None:
+class Caches:
+    """One ExpositionCache per Accept header (a cache keeps MAX_FORMATS formats, and a
+    format it dropped renders from scratch, which would test nothing), plus one that
+    serves every format in turn."""
+
+    def __init__(self, collector: TrimdCollector) -> None:
+        self.each = {accept: ExpositionCache(collector) for accept in ACCEPTS}
+        self.shared = ExpositionCache(collector)
+
+
+def _check(caches: Caches, registry: CollectorRegistry) -> None:
     for accept in ACCEPTS:
         encoder, content_type = choose_encoder(accept)
-        assert cache.render(encoder, content_type) == encoder(registry), accept
+        expected = encoder(registry)
+        assert caches.each[accept].render(encoder, content_type) == expected, accept
+        assert caches.shared.render(encoder, content_type) == expected, accept
 
 
-def _setup() -> tuple[State, ExpositionCache, CollectorRegistry]:
+def _setup() -> tuple[State, Caches, CollectorRegistry]:
     state = State()
     collector = TrimdCollector(state, "1.2.3")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    return state, ExpositionCache(collector), registry
+    return state, Caches(collector), registry
 
 
 def test_empty_state_and_daemon_series_only() -> None:
-    state, cache, registry = _setup()
-    _check(cache, registry)
+    state, caches, registry = _setup()
+    _check(caches, registry)
     state.set_next_run("nightly", 1.7e9)
     state.set_libvirt_up(True)
-    _check(cache, registry)
+    _check(caches, registry)
 
 
 def test_random_changes_keep_the_bytes_of_a_full_render() -> None:
     rng = random.Random(14)
-    state, cache, registry = _setup()
+    state, caches, registry = _setup()
     names = [f"dom-{i:02d}" for i in range(12)] + ['zz\\odd"name']
     changes: list[Callable[[int], Any]] = [
         lambda n: _trim(state, rng.choice(names), rng.choice(list(Result)), n),
@@ -103,17 +115,25 @@ def test_random_changes_keep_the_bytes_of_a_full_render() -> None:
     ]
     for n in range(120):
         rng.choice(changes)(n)
-        _check(cache, registry)
+        _check(caches, registry)
+
+
+def test_negative_zero_is_not_taken_for_zero() -> None:
+    state, caches, registry = _setup()
+    state.restore_last_success({"web1": 0.0})
+    _check(caches, registry)
+    state.restore_last_success({"web1": -0.0})  # max(-0.0, 0.0) is -0.0: a new value
+    _check(caches, registry)
 
 
 def test_a_census_that_changes_only_timestamps_keeps_the_other_families() -> None:
-    state, cache, registry = _setup()
+    state, caches, registry = _setup()
     for i in range(5):
         _census(state, f"d{i}", 2, GIB, 1.7e9)
-    _check(cache, registry)
+    _check(caches, registry)
     for i in range(5):
         _census(state, f"d{i}", 2, GIB, 1.8e9)
-    _check(cache, registry)
+    _check(caches, registry)
 
 
 def test_every_family_with_a_domain_label_is_cached_per_domain() -> None:
@@ -135,11 +155,33 @@ def test_every_family_with_a_domain_label_is_cached_per_domain() -> None:
 
 @pytest.mark.parametrize("formats", [1, 6])
 def test_many_formats_stay_bounded_and_correct(formats: int) -> None:
-    state, cache, registry = _setup()
+    state, caches, registry = _setup()
     _census(state, "web1", 2, GIB, 1.7e9)
+    cache = caches.shared
     for k in range(formats):
         accept = f"application/openmetrics-text;version=1.0.{k}"
         encoder, content_type = choose_encoder(accept)
         assert cache.render(encoder, content_type) == encoder(registry)
-    assert len(cache._kept) <= ExpositionCache.MAX_FORMATS
-    _check(cache, registry)
+    assert len(cache._text) <= ExpositionCache.MAX_FORMATS
+    _check(caches, registry)
+
+
+def test_unchanged_families_are_not_encoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a census that moves only timestamps, only that family is encoded again."""
+    state, caches, registry = _setup()
+    for i in range(3):
+        _census(state, f"d{i}", 2, GIB, 1.7e9)
+    _check(caches, registry)
+    encoder, content_type = choose_encoder(ACCEPTS[0])
+    encoded: list[int] = []
+
+    def counting(reg: Any) -> bytes:
+        encoded.extend(len(f.samples) for f in reg.collect() if f.name in DOMAIN_FAMILIES)
+        return encoder(reg)
+
+    for i in range(3):
+        _census(state, f"d{i}", 2, GIB, 1.8e9)
+    body = caches.each[ACCEPTS[0]].render(counting, content_type)
+    assert body == encoder(registry)
+    # 3 domains x 2 disks of disk_last_guest_used_timestamp_seconds; nothing else.
+    assert sum(encoded) == 6

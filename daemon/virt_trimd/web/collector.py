@@ -392,24 +392,29 @@ class ExpositionCache:
     Encoding every series through prometheus_client costs ~15 us per series (its label
     escaping), 400-700 ms at 1,000 domains of 4 disks, and any change (one trim of a
     sweep) made the next scrape pay all of it. Here each domain's lines of each family
-    are kept with the samples they encode. A render looks only at the domains whose
-    version moved (StateSnapshot.domain_versions), re-encodes only those of their
-    families whose samples differ from the kept ones (a census changes the timestamps
-    and sizes, not the descriptions), through the same prometheus_client encoder, and
-    joins the kept lines in the collector's order: every DOMAIN_FAMILIES family sorts
-    by domain first and encodes one line per sample. So the output is byte for byte
-    what `generate_latest` gives for a registry holding only the collector.
+    are kept with a compact key of the samples they encode. A render looks only at the
+    domains whose version moved (StateSnapshot.domain_versions), re-encodes only those
+    of their families whose key differs from the kept one (a census changes the
+    timestamps and sizes, not the descriptions), through the same prometheus_client
+    encoder, and joins the kept lines in the collector's order: every DOMAIN_FAMILIES
+    family sorts by domain first and encodes one line per sample. So the output is byte
+    for byte what `generate_latest` gives for a registry holding only the collector.
+
+    Memory: the kept text is the exposition once per format asked for (~1.2 KB per
+    disk), the keys ~1 KB per domain, shared by the formats.
     """
 
     # Formats kept at once: the Accept header picks one (text, OpenMetrics, versions,
     # escapings) and a client may send any, so the oldest is dropped past this many.
-    MAX_FORMATS = 4
+    MAX_FORMATS = 2
 
     def __init__(self, collector: TrimdCollector) -> None:
         self._collector = collector
         self._lock = threading.Lock()
-        # format -> domain -> (version, family name -> (its samples, their lines))
-        self._kept: dict[str, dict[str, tuple[int, dict[str, _Fragment]]]] = {}
+        # domain -> (version, family name -> key of its samples), for every format.
+        self._keys: dict[str, tuple[int, dict[str, _Key]]] = {}
+        # format -> domain -> (version, family name -> (key, its lines in that format))
+        self._text: dict[str, dict[str, tuple[int, dict[str, tuple[_Key, str]]]]] = {}
 
     def render(self, encode: Callable[[Any], bytes], fmt: str) -> bytes:
         """What `encode(registry)` gives; `fmt` names the encoder (its content type).
@@ -429,13 +434,15 @@ class ExpositionCache:
         with self._lock:
             snap = self._collector.snapshot()
             versions = snap.domain_versions
-            if fmt not in self._kept and len(self._kept) >= self.MAX_FORMATS:
-                del self._kept[next(iter(self._kept))]
-            kept = self._kept.setdefault(fmt, {})
-            for gone in [d for d in kept if d not in versions]:
-                del kept[gone]
+            if fmt not in self._text and len(self._text) >= self.MAX_FORMATS:
+                del self._text[next(iter(self._text))]
+            kept = self._text.setdefault(fmt, {})
+            for table in (kept, self._keys):
+                for gone in [d for d in table if d not in versions]:
+                    del table[gone]
             changed = sorted(d for d, v in versions.items() if kept.get(d, (None,))[0] != v)
-            fresh: dict[str, dict[str, _Fragment]] = {d: {} for d in changed}
+            keys: dict[str, dict[str, _Key]] = {d: {} for d in changed}
+            fresh: dict[str, dict[str, tuple[_Key, str]]] = {d: {} for d in changed}
             parts: list[str] = []
             order = sorted(versions)
             for family in self._collector.families(only_domains(snap, frozenset(changed))):
@@ -448,14 +455,14 @@ class ExpositionCache:
                     groups.setdefault(sample.labels["domain"], []).append(sample)
                 stale: list[str] = []
                 for domain in changed:
-                    samples = tuple(groups.get(domain, ()))
+                    key = self._key_of(domain, family.name, groups.get(domain, ()))
+                    keys[domain][family.name] = key
                     old = kept.get(domain)
                     prev = old[1].get(family.name) if old is not None else None
-                    if prev is not None and prev[0] == samples:
-                        fresh[domain][family.name] = prev
+                    if prev is not None and prev[0] == key:
+                        fresh[domain][family.name] = (key, prev[1])
                     else:
                         stale.append(domain)
-                        fresh[domain][family.name] = (samples, "")
                 part = Metric(family.name, family.documentation, family.type, family.unit)
                 part.samples = [x for domain in stale for x in groups.get(domain, ())]
                 header, lines = lines_of(part)
@@ -463,17 +470,43 @@ class ExpositionCache:
                 for sample, line in zip(part.samples, lines, strict=True):
                     by_domain.setdefault(sample.labels["domain"], []).append(line)
                 for domain in stale:
-                    samples = fresh[domain][family.name][0]
-                    fresh[domain][family.name] = (samples, "".join(by_domain.get(domain, ())))
+                    text = "".join(by_domain.get(domain, ()))
+                    fresh[domain][family.name] = (keys[domain][family.name], text)
                 parts.append(header)
                 for domain in order:
                     frag = fresh[domain] if domain in fresh else kept[domain][1]
                     parts.append(frag[family.name][1])
             for domain in changed:
                 kept[domain] = (versions[domain], fresh[domain])
+                self._keys[domain] = (versions[domain], keys[domain])
             parts.append(eof)
             return "".join(parts).encode("utf-8")
 
+    def _key_of(self, domain: str, family: str, samples: Iterable[Any]) -> _Key:
+        """The samples as one flat tuple; the object already kept when equal (shared).
 
-# A domain's samples of one family and the lines that encode them.
-_Fragment = tuple[tuple[Any, ...], str]
+        Label names, sample names, timestamps and exemplars are fixed per family in
+        TrimdCollector (none has the last two), so label values and values say it all.
+        """
+        key = tuple(x for s in samples for x in (*s.labels.values(), _exact(s.value)))
+        old = self._keys.get(domain)
+        if old is not None:
+            kept = old[1].get(family)
+            if kept is not None and kept == key:
+                return kept
+        return key
+
+
+def _exact(value: Any) -> Any:
+    """`value`, told apart from every value that encodes differently but compares equal.
+
+    Equal ints and floats encode alike (floatToGoString takes float()); 0.0 and -0.0
+    compare equal and do not, so a float zero carries its sign.
+    """
+    if value == 0 and isinstance(value, float):
+        return (value, math.copysign(1.0, value))
+    return value
+
+
+# A domain's samples of one family, flattened: label values and value of each.
+_Key = tuple[Any, ...]
