@@ -39,6 +39,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("census", False, "measurement cost: census of image files, stat+cache vs qemu-img"),
     Bench("scrape", False, "/metrics latency and size with a large injected state"),
     Bench("startup", False, "exec to READY=1 on a real NOTIFY_SOCKET"),
+    Bench("scale", False, "our code's growth: 100/1,000/5,000 stand-in domains x 4 disks"),
     Bench("sweep", True, "sweep time on N real guests: run --once K=1/K=4 vs the shell loop"),
     Bench("overhead", True, "per-guest overhead over the raw guest-fstrim round trip"),
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),

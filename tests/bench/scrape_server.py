@@ -5,7 +5,8 @@ observe_sweep, set_next_run ...) and comes out through the real `TrimdCollector`
 the real `start_metrics_server`; nothing of libvirt is involved or mocked. Prints one
 JSON line {"port", "pid", "series"} when serving, then serves until stdin closes.
 
-Wired like the daemon: `cache_key=state.snapshot` (unless --no-cache). Each line
+Wired like the daemon: `cache_key=state.snapshot` and the ExpositionCache renderer
+(unless --no-cache, which renders the whole registry every scrape). Each line
 "change" on stdin changes the state (a schedule's next run time, as after a sweep)
 and is answered "ok" on stdout, so the next scrape has to render again.
 """
@@ -30,7 +31,7 @@ from virt_trimd.engine.history import History
 from virt_trimd.engine.state import DiskState, State
 from virt_trimd.records import DiskRecord, FilesystemResult, Result, SweepSummary, TrimRecord
 from virt_trimd.service.statuspages import status_pages
-from virt_trimd.web.collector import TrimdCollector
+from virt_trimd.web.collector import ExpositionCache, TrimdCollector
 from virt_trimd.web.server import Page, start_metrics_server
 
 GIB = 1 << 30
@@ -154,14 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = State()
     populate(state, args.domains, args.disks_per_domain)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TrimdCollector(state, __version__))
+    collector = TrimdCollector(state, __version__)
+    registry.register(collector)
     series = sum(
         1
         for line in generate_latest(registry).decode().splitlines()
         if line and not line.startswith("#")
     )
     server = start_metrics_server(
-        registry, args.host, args.port, cache_key=None if args.no_cache else state.snapshot
+        registry,
+        args.host,
+        args.port,
+        cache_key=None if args.no_cache else state.snapshot,
+        renderer=None if args.no_cache else ExpositionCache(collector).render,
     )
     if args.status_history is not None:
         server.serve_pages(_status_pages(state, args.status_history))

@@ -1,8 +1,9 @@
 """The benchmark harness (tests/bench) produces well-formed results, quickly, without guests.
 
-Runs `python3 -m bench --smoke --no-guests --only census,scrape,startup --json FILE` as
-a subprocess (real qemu-img, real webserver, real daemon start-up on libvirt's
-test:///default driver) and checks the shape of what comes out. No timing is asserted:
+Runs `python3 -m bench --smoke --no-guests --only census,scrape,startup,scale --json FILE`
+as a subprocess (real qemu-img, real webserver, real daemon start-up on libvirt's
+test:///default driver, the real daemon over 100 stand-in domains) and checks the shape
+of what comes out. No timing is asserted:
 benchmarks report numbers, tests do not judge them.
 """
 
@@ -41,7 +42,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
             "--smoke",
             "--no-guests",
             "--only",
-            "census,scrape,startup",
+            "census,scrape,startup,scale",
             "--json",
             str(out),
             "--workdir",
@@ -65,7 +66,7 @@ def test_json_has_machine_facts_and_the_selected_benchmarks(
     machine = doc["machine"]
     assert machine["cpus"] >= 1
     assert len(machine["loadavg_at_start"]) == 3
-    assert [r["name"] for r in doc["results"]] == ["census", "scrape", "startup"]
+    assert [r["name"] for r in doc["results"]] == ["census", "scrape", "startup", "scale"]
     for res in doc["results"]:
         assert res["error"] is None, res
         assert res["skipped"] is None
@@ -120,6 +121,27 @@ def test_startup_measured_ready_for_both_uris(smoke: tuple[dict[str, Any], str])
     startup = next(r for r in doc["results"] if r["name"] == "startup")
     for key in ("test:///default", "qemu:///system", "python -c pass", "virt-trimd --version"):
         assert len(startup["samples"][key]) == 3, key
+
+
+def test_scale_measured_every_path_at_100_domains(smoke: tuple[dict[str, Any], str]) -> None:
+    doc, _ = smoke
+    scale = next(r for r in doc["results"] if r["name"] == "scale")
+    samples = scale["samples"]
+    assert samples["sizes"] == [100]
+    m = samples["100"]
+    assert m["domains"] == 100 and m["disks"] == 400
+    assert len(m["censuses"]) == 2 and len(m["sweeps"]) == 1
+    # Every trim of the sweep was appended to the history, and timed.
+    assert len(m["history_append_wall_s"]) == 100
+    # ping + fstrim + get-fsinfo per trim, get-fsinfo per domain per census.
+    assert m["agent_calls"] == 100 * 3 + 100 * 2
+    assert m["year"]["trims"] == 365 * 100
+    assert m["year"]["census_samples"] == 400 * m["year"]["census_samples_per_disk"]
+    for key in [k for k in m if " / " in k and not k.endswith("body_bytes")]:
+        assert m[key] and all(x > 0 for x in m[key]), key
+    assert m["status_inproc_s"] and m["status_cli_s"] and m["page_s"]
+    metrics = {r["metric"] for r in scale["rows"]}
+    assert any("first after a change" in x for x in metrics)
 
 
 def test_table_lists_every_row_and_the_load(smoke: tuple[dict[str, Any], str]) -> None:

@@ -151,6 +151,37 @@ def test_last_success_counts_success_only_at_finish_time(history: History) -> No
     assert history.last_success_by_domain() == {"a": T0 + 2.5, "c": T0 + 6.0}
 
 
+def test_status_reads_agree_with_and_without_the_indexes(tmp_path: Path) -> None:
+    """A reader of a file no read-write open of this version indexed yet (the indexes are
+    created at read-write open, not by a schema version) gets the same answers."""
+    with History(tmp_path) as hist:
+        for i, (dom, result) in enumerate(
+            [("a", Result.SUCCESS), ("a", Result.PARTIAL), ("b", Result.SUCCESS),
+             ("b", Result.SUCCESS), ("c", Result.TIMEOUT), ("a", Result.SUCCESS)]
+        ):  # fmt: skip
+            hist.append(full_record(dom, result, T0 + 10 * (i % 3), duration_seconds=1.0 + i))
+        hist.append(full_record("d", Result.SUCCESS, T0, dry_run=True))
+        indexed = (
+            hist.last_success_by_domain(),
+            hist.latest_trim_by_domain(),
+            hist.reclaim_rows(T0 + 5),
+        )
+    conn = sqlite3.connect(tmp_path / DB_FILENAME)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"trims_started", "trims_success_finished"} <= names
+    conn.execute("DROP INDEX trims_started")
+    conn.execute("DROP INDEX trims_success_finished")
+    conn.close()
+    with History(tmp_path, readonly=True) as reader:
+        plain = (
+            reader.last_success_by_domain(),
+            reader.latest_trim_by_domain(),
+            reader.reclaim_rows(T0 + 5),
+        )
+    assert plain == indexed
+    assert set(indexed[0]) == {"a", "b"} and set(indexed[1]) == {"a", "b", "c"}
+
+
 def test_last_sweep_by_schedule(history: History) -> None:
     assert history.last_sweep_by_schedule() == {}
     history.append_sweep("nightly", T0 + 86400, T0 + 86500, 3, 1 << 30)

@@ -114,6 +114,21 @@ _SCHEMA_V2 = (
     """,
 )
 
+# Indexes for the status report's per-domain reads, created (IF NOT EXISTS) at every
+# read-write open rather than by a schema version: an index changes no row, so a file
+# with them still opens in a virt-trimd that knows only v2, and one without them is
+# only slower. Without them each status read scanned every trim: at 1,000 domains and
+# a year (365,000 rows) a `status` took seconds (docs/BENCHMARKS.md, scale).
+_INDEXES = (
+    # Covering: the reclaim sums of the last 30 days read no table row.
+    "CREATE INDEX IF NOT EXISTS trims_started"
+    " ON trims (started_ts, dry_run, domain, reclaimed_bytes)",
+    # Partial, so the latest success of each domain is one probe (queries must spell
+    # the same literal terms for SQLite to use it).
+    "CREATE INDEX IF NOT EXISTS trims_success_finished ON trims"
+    " (domain, started_ts + duration_seconds) WHERE result = 'success' AND dry_run = 0",
+)
+
 # (age in seconds, bucket in seconds): census rows older than `age` keep only the
 # latest sample of each `bucket`. Every census of the last day, hourly to 30 days (the
 # 7-day growth and the page's charts need no finer), daily beyond.
@@ -164,6 +179,18 @@ class CensusDomainRow:
     running: bool
     agent_state: str | None
     last_seen_ts: float
+
+
+@dataclass(frozen=True)
+class TrimSummary:
+    """The columns of one stored trim that the status report shows (no JSON decoded)."""
+
+    domain: str
+    uuid: str
+    result: Result
+    started_at: str
+    reclaimed_bytes: int
+    message: str
 
 
 class HistoryError(Exception):
@@ -249,6 +276,8 @@ class History:
         # forget it (catch-up and min_interval read it back). Trims are rare, fsync is cheap.
         conn.execute("PRAGMA synchronous=FULL")
         self._migrate(conn)
+        for statement in _INDEXES:
+            conn.execute(statement)
         return conn
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
@@ -414,12 +443,30 @@ class History:
         is the instant State.observe_trim uses, so a restart does not move the gauge.
         Dry runs never count.
         """
+        if not self._has_index("trims_success_finished"):
+            # A file no read-write open of this version has indexed yet (a reader
+            # before the upgraded daemon started): without the index, the per-domain
+            # form below would scan every success once per domain.
+            rows = self._read(
+                "SELECT domain, MAX(started_ts + duration_seconds) FROM trims"
+                " WHERE result = ? AND dry_run = 0 GROUP BY domain",
+                (Result.SUCCESS.value,),
+            )
+            return {str(d): float(ts) for d, ts in rows}
+        # One probe of trims_success_finished per domain (the literal terms match its
+        # WHERE); the domains come from trims_domain_started without reading rows.
+        assert Result.SUCCESS.value == "success"
         rows = self._read(
-            "SELECT domain, MAX(started_ts + duration_seconds) FROM trims"
-            " WHERE result = ? AND dry_run = 0 GROUP BY domain",
-            (Result.SUCCESS.value,),
+            "SELECT domain, finished FROM (SELECT d.domain, (SELECT MAX(started_ts"
+            " + duration_seconds) FROM trims WHERE domain = d.domain AND result = 'success'"
+            " AND dry_run = 0) AS finished FROM (SELECT DISTINCT domain FROM trims) AS d)"
+            " WHERE finished IS NOT NULL"
         )
         return {str(d): float(ts) for d, ts in rows}
+
+    def _has_index(self, name: str) -> bool:
+        rows = self._read("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
+        return bool(rows)
 
     def last_duration_by_uuid(self) -> dict[str, float]:
         """Domain UUID -> duration of its latest trim attempt, to start long ones first.
@@ -671,10 +718,12 @@ class History:
         if not self._has_census():
             return {}
         # One primary-key probe per disk, not a scan of every sample (a year at 1,000
-        # disks is over a million rows).
+        # disks is over a million rows). CROSS JOIN fixes the join order: with a plain
+        # JOIN SQLite's planner scanned every census row and ran the subquery for each
+        # (180 ms at 400 disks with a year of samples, 1.4 ms this way; BENCHMARKS.md).
         rows = self._read(
             "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
-            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " c.reclaimable_bytes FROM census_disks k CROSS JOIN census c ON c.disk_id = k.id"
             " AND c.ts = (SELECT MAX(ts) FROM census WHERE disk_id = k.id AND ts <= ?)",
             (int(ts),),
         )
@@ -689,7 +738,7 @@ class History:
             return {}
         rows = self._read(
             "SELECT k.domain, k.disk, c.ts, c.allocated_bytes, c.virtual_bytes,"
-            " c.reclaimable_bytes FROM census_disks k JOIN census c ON c.disk_id = k.id"
+            " c.reclaimable_bytes FROM census_disks k CROSS JOIN census c ON c.disk_id = k.id"
             " AND c.ts = (SELECT MIN(ts) FROM census WHERE disk_id = k.id AND ts >= ?)",
             (int(ts),),
         )
@@ -702,7 +751,7 @@ class History:
         """(domain, started_ts, reclaimed_bytes) of every real trim started at/after `since_ts`."""
         rows = self._read(
             "SELECT domain, started_ts, reclaimed_bytes FROM trims"
-            " WHERE dry_run = 0 AND started_ts >= ? ORDER BY started_ts",
+            " WHERE dry_run = 0 AND started_ts >= ? ORDER BY started_ts, id",
             (since_ts,),
         )
         return [(str(d), float(t), int(r)) for d, t, r in rows]
@@ -712,11 +761,13 @@ class History:
 
         Dry runs excluded. What growth triggers restore their baseline from.
         """
+        # One walk down trims_domain_started per domain, newest first: a window over
+        # every success took 2.7 s at 1,000 domains with a year of daily trims.
         rows = self._read(
-            "SELECT id, uuid, record_json FROM (SELECT id, uuid, record_json, started_ts,"
-            " ROW_NUMBER() OVER (PARTITION BY uuid ORDER BY started_ts DESC, id DESC) AS n"
-            " FROM trims WHERE result IN (?, ?) AND dry_run = 0)"
-            " WHERE n <= ? ORDER BY uuid, started_ts DESC, id DESC",
+            "SELECT t.id, t.uuid, t.record_json FROM (SELECT DISTINCT domain FROM trims) AS d"
+            " CROSS JOIN trims AS t ON t.id IN (SELECT id FROM trims WHERE domain = d.domain"
+            " AND result IN (?, ?) AND dry_run = 0 ORDER BY started_ts DESC, id DESC LIMIT ?)"
+            " ORDER BY t.uuid, t.started_ts DESC, t.id DESC",
             (Result.SUCCESS.value, Result.PARTIAL.value, max(per_uuid, 0)),
         )
         out: dict[str, list[TrimRecord]] = {}
@@ -724,12 +775,50 @@ class History:
             out.setdefault(str(uuid), []).append(_decode(row_id, text, self.path))
         return out
 
+    def reclaimed_by_domain(self, now: float, days: Sequence[int]) -> dict[str, dict[int, int]]:
+        """Domain -> {d: bytes its real trims started in the last d days reclaimed}, per d.
+
+        Only domains with a real trim inside the longest window. Summed by SQLite over
+        trims_started instead of a row per trim into Python (31,000 rows at 1,000 domains).
+        """
+        if not days:
+            return {}
+        windows = ", ".join(
+            "SUM(CASE WHEN started_ts >= ? THEN reclaimed_bytes ELSE 0 END)" for _ in days
+        )
+        rows = self._read(
+            # `+domain`: grouping by the bare column made SQLite walk all of
+            # trims_domain_started (every trim ever kept) instead of the range.
+            f"SELECT domain, {windows} FROM trims WHERE dry_run = 0 AND started_ts >= ?"
+            " GROUP BY +domain",
+            (*(now - d * 86_400 for d in days), now - max(days) * 86_400),
+        )
+        return {
+            str(row[0]): {d: int(v) for d, v in zip(days, row[1:], strict=True)} for row in rows
+        }
+
+    def latest_trim_summary_by_domain(self) -> dict[str, TrimSummary]:
+        """Like latest_trim_by_domain, the few fields `status` shows, without decoding JSON."""
+        rows = self._read(
+            "SELECT t.domain, t.uuid, t.result, t.started_at, t.reclaimed_bytes,"
+            " COALESCE(json_extract(t.record_json, '$.message'), '')"
+            " FROM (SELECT DISTINCT domain FROM trims) AS d"
+            " CROSS JOIN trims AS t ON t.id = (SELECT id FROM trims WHERE domain = d.domain"
+            " AND dry_run = 0 ORDER BY started_ts DESC, id DESC LIMIT 1)"
+        )
+        return {
+            str(dom): TrimSummary(str(dom), str(u), Result(r), str(at), int(b), str(msg))
+            for dom, u, r, at, b, msg in rows
+        }
+
     def latest_trim_by_domain(self) -> dict[str, TrimRecord]:
         """Domain -> its latest trim record of any result (dry runs excluded)."""
+        # Per domain, one walk down trims_domain_started from its newest row (the index
+        # holds started_ts and id in order), not a window over every trim ever kept.
         rows = self._read(
-            "SELECT id, record_json FROM trims WHERE id IN ("
-            + _latest_ids("trims", "domain", "WHERE dry_run = 0")
-            + ")"
+            "SELECT t.id, t.record_json FROM (SELECT DISTINCT domain FROM trims) AS d"
+            " CROSS JOIN trims AS t ON t.id = (SELECT id FROM trims WHERE domain = d.domain"
+            " AND dry_run = 0 ORDER BY started_ts DESC, id DESC LIMIT 1)"
         )
         records = [_decode(row_id, text, self.path) for row_id, text in rows]
         return {r.domain: r for r in records}

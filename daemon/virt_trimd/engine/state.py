@@ -120,6 +120,12 @@ class StateSnapshot:
     )
     # (group, members digest, share 1-based, shares, at_once) of this host; None outside one.
     storage_group: tuple[str, str, int, int, int] | None = None
+    # domain -> a number that changes whenever any of the domain's series does: what the
+    # exposition's per-domain cache (web.collector.ExpositionCache) is keyed by. Every
+    # domain with a series here has a version.
+    domain_versions: Mapping[str, int] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 class State:
@@ -149,6 +155,13 @@ class State:
         self._history_ok = True
         self._history_errors = 0
         self._storage_group: tuple[str, str, int, int, int] | None = None
+        self._versions: dict[str, int] = {}
+        self._version = 0
+
+    def _touch(self, domain: str) -> None:
+        """Mark `domain`'s series changed (the lock is held)."""
+        self._version += 1
+        self._versions[domain] = self._version
 
     def observe_trim(self, record: TrimRecord, now: float | None = None) -> None:
         """Account one trim record.
@@ -167,6 +180,7 @@ class State:
             return
         domain = record.domain
         with self._lock:
+            self._touch(domain)
             key = (domain, record.result.value)
             self._trims[key] = self._trims.get(key, 0) + 1
             how = (domain, record.method.value, record.trigger or "schedule", record.result.value)
@@ -240,6 +254,7 @@ class State:
             if disk.domain != domain:
                 raise ValueError(f"census of {domain!r} got disk {disk.disk!r} of {disk.domain!r}")
         with self._lock:
+            self._touch(domain)
             if disks:
                 previous = self._disks.get(domain, {})
                 # A census cannot judge effectiveness (that needs a trim); keep the
@@ -264,13 +279,20 @@ class State:
                     del pairs[key]
             for key4 in [k for k in self._reclaims if k[0] not in keep]:
                 del self._reclaims[key4]
-            for by_domain in (self._last_duration, self._last_success, self._disks, self._backoff):
+            for by_domain in (
+                self._last_duration,
+                self._last_success,
+                self._disks,
+                self._backoff,
+                self._versions,
+            ):
                 for name in [n for n in by_domain if n not in keep]:
                     del by_domain[name]
 
     def set_trigger_backoff(self, domain: str, until_ts: float | None) -> None:
         """Growth triggers skip `domain` until `until_ts`; None ends the backoff."""
         with self._lock:
+            self._touch(domain)
             if until_ts is None:
                 self._backoff.pop(domain, None)
             else:
@@ -280,6 +302,7 @@ class State:
         """Seed last-success timestamps (from History at start); a newer value wins."""
         with self._lock:
             for domain, ts in mapping.items():
+                self._touch(domain)
                 self._last_success[domain] = max(ts, self._last_success.get(domain, ts))
 
     def set_next_run(self, schedule: str, ts: float | None) -> None:
@@ -358,6 +381,7 @@ class State:
                 reclaims_total=MappingProxyType(dict(self._reclaims)),
                 trigger_backoff_until_ts=MappingProxyType(dict(self._backoff)),
                 storage_group=self._storage_group,
+                domain_versions=MappingProxyType(dict(self._versions)),
             )
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from virt_trimd.config.model import Config, ScheduleConfig, matches_globs
-from virt_trimd.engine.history import CensusPoint, History
+from virt_trimd.engine.history import CensusPoint, History, TrimSummary
 from virt_trimd.engine.schedule import fire_times, spread_offset
-from virt_trimd.records import Result, TrimRecord
+from virt_trimd.records import Result
 
 DAY_SECONDS = 86_400
 RECLAIM_WINDOWS_DAYS = (1, 7, 30)
@@ -194,14 +194,10 @@ def build_status(
         )
         ready_by_domain.setdefault(k.domain, []).append(k.discard_ready)
 
-    since = now - max(RECLAIM_WINDOWS_DAYS) * DAY_SECONDS
-    reclaim_rows = history.reclaim_rows(since)
-    last_trims = history.latest_trim_by_domain()
+    reclaimed_by_domain = history.reclaimed_by_domain(now, RECLAIM_WINDOWS_DAYS)
+    last_trims = history.latest_trim_summary_by_domain()
     last_success = history.last_success_by_domain()
-    rows_by_domain: dict[str, list[tuple[float, int]]] = {}
-    for domain, ts, amount in reclaim_rows:
-        rows_by_domain.setdefault(domain, []).append((ts, amount))
-    recent_trimmed = set(rows_by_domain)
+    recent_trimmed = set(reclaimed_by_domain)
     names = sorted(set(census_domains) | recent_trimmed)
 
     domains: list[DomainStatus] = []
@@ -213,11 +209,7 @@ def build_status(
         ready = None if not readiness or None in readiness else all(bool(r) for r in readiness)
         record = last_trims.get(name)
         uuid = seen.uuid if seen is not None else (record.uuid if record else None)
-        mine = rows_by_domain.get(name, [])
-        reclaimed = {
-            days: sum(r for ts, r in mine if ts >= now - days * DAY_SECONDS)
-            for days in RECLAIM_WINDOWS_DAYS
-        }
+        reclaimed = reclaimed_by_domain.get(name) or dict.fromkeys(RECLAIM_WINDOWS_DAYS, 0)
         next_ts, next_sched = _next_run(config, name, uuid, hostname, next_runs)
         if state != "running":
             next_ts, next_sched = None, None
@@ -258,7 +250,7 @@ def _sum_known(values: Any) -> int | None:
     return sum(known) if known else None
 
 
-def _last_trim(record: TrimRecord | None) -> LastTrim | None:
+def _last_trim(record: TrimSummary | None) -> LastTrim | None:
     if record is None:
         return None
     return LastTrim(record.started_at, record.result.value, record.reclaimed_bytes, record.message)
@@ -284,7 +276,7 @@ def _next_run(
 
 
 def _reasons(
-    status: DomainStatus, record: TrimRecord | None, agent_state: str | None
+    status: DomainStatus, record: TrimSummary | None, agent_state: str | None
 ) -> tuple[tuple[str, ...], bool]:
     """Why a domain is not trimming, or not trimming well, and whether anyone must act."""
     lines: list[str] = []

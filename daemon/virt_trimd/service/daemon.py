@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.background import BackgroundScheduler
     from prometheus_client import CollectorRegistry
 
+    from virt_trimd.web.collector import TrimdCollector
     from virt_trimd.web.server import MetricsServer
 
 # The scheduler, prometheus_client and the web server are imported where they are first
@@ -155,11 +156,16 @@ class Daemon:
         """The registry the metrics endpoint and `run --once --print-metrics` render."""
         from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector)
+        return registry
+
+    @functools.cached_property
+    def collector(self) -> TrimdCollector:
+        """The one collector of the registry, also behind the exposition cache."""
         from virt_trimd.web.collector import TrimdCollector  # noqa: PLC0415
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(TrimdCollector(self.state, __version__))
-        return registry
+        return TrimdCollector(self.state, __version__)
 
     # -- start-up ------------------------------------------------------------------
 
@@ -191,10 +197,11 @@ class Daemon:
 
         Without this a restart would count growth from the first census after it, and a
         guest that had grown most of its threshold before the restart would have to grow
-        all of it again. Read whatever the schedules say (a reload may add a growth
-        trigger); only the newest few successful trims per domain are read.
+        all of it again. Only with a growth trigger configured (a reload that adds one
+        calls this again); only the newest few successful trims per domain are read
+        (about 0.15 s at 1,000 domains with a year of daily trims).
         """
-        if self.history is None:
+        if self.history is None or not any(s.growth_bytes for s in self.config.schedules):
             return
         try:
             candidates = self.history.latest_successes_by_uuid(GROWTH_BASELINE_CANDIDATES)
@@ -265,6 +272,7 @@ class Daemon:
     def start_metrics(self) -> None:
         """Bind the metrics port; raises StartupError so a taken port fails the start."""
         from virt_trimd.config.web import WebConfigError  # noqa: PLC0415
+        from virt_trimd.web.collector import ExpositionCache  # noqa: PLC0415
         from virt_trimd.web.server import MetricsServerError, start_metrics_server  # noqa: PLC0415
 
         m = self.config.metrics
@@ -277,6 +285,8 @@ class Daemon:
                 m.listen_port,
                 m.web_config_file,
                 cache_key=self.state.snapshot,
+                # A change (one trim of a sweep) re-encodes that domain's series only.
+                renderer=ExpositionCache(self.collector).render,
             )
         except WebConfigError as exc:
             # A bad web config is a configuration error: exit 2, systemd does not restart.
@@ -818,6 +828,8 @@ class Daemon:
             self.offline = OfflineReclaimer(self.hv, self.trimmer, new.offline)
         if self.scheduler is not None:
             self._install_jobs()
+        if not any(s.growth_bytes for s in old.schedules):
+            self._restore_growth_baselines()
         self.state.set_config_reload(True)
         self.publish_storage_group()
         log.info("configuration reloaded: %d schedule(s)", len(new.schedules))

@@ -58,6 +58,13 @@ log = logging.getLogger("virt_trimd.webserver")
 CONNECTION_TIMEOUT_SECONDS = 10.0
 # Prometheus needs one connection per scrape; this only caps a connection flood.
 MAX_CONNECTIONS = 32
+# gzip level of /metrics bodies. gzip.compress's default, 9, took 90-140 ms for the 4 MB
+# exposition of 1,000 domains x 4 disks, level 1 9-25 ms for a body 38% larger (187
+# instead of 135 KiB): a scrape is CPU the host's guests do not get, bytes on a LAN
+# are cheap (docs/BENCHMARKS.md, scale).
+GZIP_LEVEL = 1
+# (encoder, content type) -> the /metrics body; see start_metrics_server.
+Renderer = Callable[[Callable[[Any], bytes], str], bytes]
 # A scrape every 15 s then pays bcrypt (~100-250 ms of CPU) about once per 2 minutes.
 AUTH_CACHE_SECONDS = 120.0
 AUTH_CACHE_ENTRIES = 64
@@ -251,6 +258,8 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
     allow_reuse_port = False
     # See start_metrics_server; None renders every scrape.
     cache_key: Callable[[], object] | None = None
+    # See start_metrics_server: (encoder, content type) -> body; None: encoder(registry).
+    renderer: Renderer | None = None
     # See start_metrics_server: path -> function rendering (content type, body, headers).
     pages: Mapping[str, Page] = {}
 
@@ -422,14 +431,18 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             if hit is not None and hit[0] == key:
                 self._reply(200, content_type, hit[1], headers, send_body)
                 return
+        renderer = self.server.renderer
         try:
-            output = encoder(registry)
+            if renderer is not None and "name[]" not in params:
+                output = renderer(encoder, content_type)
+            else:
+                output = encoder(registry)
         except Exception:
             log.exception("rendering /metrics failed")
             self._reply(500, _PLAIN_TEXT, b"Internal Server Error\n", send_body=send_body)
             return
         if use_gzip:
-            output = gzip.compress(output)
+            output = gzip.compress(output, compresslevel=GZIP_LEVEL)
         if cache_key is not None:
             self.server.exposition_cache[(content_type, use_gzip)] = (key, output)
         self._reply(200, content_type, output, headers, send_body)
@@ -530,13 +543,14 @@ class MetricsServer:
         self.shutdown()
 
 
-def start_metrics_server(
+def start_metrics_server(  # noqa: PLR0913  (keyword-only knobs with defaults)
     registry: CollectorRegistry,
     host: str,
     port: int,
     web_config_file: Path | None = None,
     *,
     cache_key: Callable[[], object] | None = None,
+    renderer: Renderer | None = None,
 ) -> MetricsServer:
     """Bind host:port and serve `registry` in a background thread.
 
@@ -551,6 +565,11 @@ def start_metrics_server(
     TrimdCollector: rendering 10,000 series takes 50-100 ms, comparing snapshots
     well under 1 ms. Collectors whose values change by themselves (process, gc) must
     not be cached.
+
+    `renderer`, when given, renders /metrics instead of `encoder(registry)`: it gets the
+    encoder and content type the request's Accept header chose and must return the same
+    bytes (web.collector.ExpositionCache.render, which re-encodes only what changed).
+    Requests with `name[]` still render the registry.
     """
     host = host.strip()
     if host.startswith("[") and host.endswith("]"):
@@ -566,6 +585,7 @@ def start_metrics_server(
     except (OSError, OverflowError) as exc:
         raise MetricsServerError(f"cannot listen on {display}: {_bind_reason(exc)}") from exc
     httpd.cache_key = cache_key
+    httpd.renderer = renderer
     server = MetricsServer(httpd, host)
     server.start()
     log.info("serving metrics on %s", server.metrics_url)
