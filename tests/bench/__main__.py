@@ -34,6 +34,11 @@ BENCHES: tuple[Bench, ...] = (
     Bench("scrape", False, "/metrics latency and size with a large injected state"),
     Bench("startup", False, "exec to READY=1 on a real NOTIFY_SOCKET"),
     Bench("sweep", True, "sweep time on N real guests: run --once K=1/K=4 vs the shell loop"),
+    Bench(
+        "daemon-sweep",
+        True,
+        "resident daemon's scheduled sweep (K=1/2/4) vs the shell loop, alternating",
+    ),
     Bench("overhead", True, "per-guest overhead over the raw guest-fstrim round trip"),
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),
 )
@@ -58,6 +63,10 @@ def _runner(name: str) -> Callable[..., BenchResult]:
         from bench import sweep
 
         return sweep.run
+    if name == "daemon-sweep":
+        from bench import daemon_sweep
+
+        return daemon_sweep.run
     if name == "overhead":
         from bench import overhead
 
@@ -181,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-guests",
         action="store_true",
-        help="skip the benchmarks that boot guests (sweep, overhead, idle)",
+        help="skip the benchmarks that boot guests (sweep, daemon-sweep, overhead, idle)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every result here")
     parser.add_argument(
