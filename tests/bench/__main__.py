@@ -41,6 +41,11 @@ BENCHES: tuple[Bench, ...] = (
     Bench("startup", False, "exec to READY=1 on a real NOTIFY_SOCKET"),
     Bench("scale", False, "our code's growth: 100/1,000/5,000 stand-in domains x 4 disks"),
     Bench("sweep", True, "sweep time on N real guests: run --once K=1/K=4 vs the shell loop"),
+    Bench(
+        "daemon-sweep",
+        True,
+        "resident daemon's scheduled sweep (K=1/2/4) vs the shell loop, alternating",
+    ),
     Bench("overhead", True, "per-guest overhead over the raw guest-fstrim round trip"),
     Bench("idle", True, "idle daemon RSS and CPU with running guests"),
     Bench("sparsify", True, "virt-trimd sparsify vs bare virt-sparsify --in-place, same image"),

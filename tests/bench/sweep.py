@@ -192,39 +192,107 @@ def list_schedule(durations: Sequence[float], k: int) -> float:
     return max(workers) if durations else float("nan")
 
 
-def best_split(durations: Sequence[float], k: int) -> float:
-    """The shortest makespan any assignment of the guests to k workers can reach.
+def _improved(ds: Sequence[float], k: int) -> float:
+    """Makespan of a longest-first list schedule improved by moves and swaps.
 
-    Exact (depth-first with pruning), so only for small N. `ideal` can be out of reach
-    for whole guests: 8 guests on 4 workers cannot split their times evenly. span /
-    this is virt-trimd's distance from a perfect scheduler that knew every time ahead.
+    Moves one guest, or swaps two, between the busiest worker and another while that
+    lowers the pair's maximum: an upper bound of the best split, usually within a
+    fraction of a percent of the fluid ideal for 20 guests.
+    """
+    bins: list[list[float]] = [[] for _ in range(k)]
+    for d in ds:
+        min(bins, key=sum).append(d)
+    improved = True
+    while improved:
+        improved = False
+        top = max(bins, key=sum)
+        for other in bins:
+            if other is top:
+                continue
+            a, b = sum(top), sum(other)
+            for i, x in enumerate(top):
+                if b + x < a:  # move x: the pair's max becomes max(a - x, b + x) < a
+                    other.append(top.pop(i))
+                    improved = True
+                    break
+                for j, y in enumerate(other):
+                    if y < x and b - y + x < a:
+                        top[i], other[j] = y, x
+                        improved = True
+                        break
+                if improved:
+                    break
+            if improved:
+                break
+    return max(sum(b) for b in bins)
+
+
+def best_split_bounded(
+    durations: Sequence[float], k: int, rel_tol: float = 0.002, max_nodes: int = 300_000
+) -> tuple[float, bool]:
+    """(makespan, proven): the best split of the guests over k workers, see best_split.
+
+    `proven` is False when the search stopped at `max_nodes` before it could show that
+    nothing better than `rel_tol` exists; the makespan is then the best found.
     """
     ds = sorted(durations, reverse=True)
     if not ds:
-        return float("nan")
-    best = list_schedule(ds, k)  # longest-first list schedule: a good first bound
+        return float("nan"), True
+    floor = ideal(ds, k)
+    tol = floor * rel_tol
+    best = min(list_schedule(ds, k), _improved(ds, k))
+    if best <= floor + tol:
+        return best, True
+    rest = [sum(ds[i:]) for i in range(len(ds) + 1)]
     loads = [0.0] * k
+    nodes = 0
 
-    def place(i: int) -> None:
-        nonlocal best
+    def place(i: int) -> bool:
+        """Search from guest i on; True once the search may end."""
+        nonlocal best, nodes
+        nodes += 1
+        if nodes > max_nodes:
+            return True
         if i == len(ds):
             best = min(best, max(loads))
-            return
+            return best <= floor + tol
+        if max(*loads, (sum(loads) + rest[i]) / k) >= best - tol:
+            return False
         tried: set[float] = set()
         for w in range(k):
             # Workers with equal loads are interchangeable; one branch covers them all.
-            if loads[w] in tried or loads[w] + ds[i] >= best:
+            if loads[w] in tried or loads[w] + ds[i] >= best - tol:
                 continue
             tried.add(loads[w])
             loads[w] += ds[i]
-            place(i + 1)
+            done = place(i + 1)
             loads[w] -= ds[i]
+            if done:
+                return True
+        return False
 
     place(0)
-    return best
+    return best, nodes <= max_nodes
 
 
-BEST_SPLIT_MAX_GUESTS = 12
+def best_split(durations: Sequence[float], k: int, rel_tol: float = 0.002) -> float:
+    """The shortest makespan any assignment of the guests to k workers can reach.
+
+    `ideal` can be out of reach for whole guests: 8 guests on 4 workers cannot split
+    their times evenly. span / this is virt-trimd's distance from a perfect scheduler
+    that knew every time ahead. Exact to within `rel_tol` of the fluid ideal (0.2 %,
+    under 2 ms for these sweeps) and never below the optimum: a longest-first schedule
+    improved by moves and swaps, then, unless that is already within the tolerance of
+    the fluid ideal (a lower bound), a depth-first search, longest guest first, that
+    tries equal-load workers once and cuts a branch when its busiest worker or its
+    fluid bound reaches the best found less the tolerance. Without a tolerance, 20
+    guests on 4 workers can take minutes: equal float sums are rare, so nothing proves
+    optimality early. best_split_bounded says whether its node budget ran out.
+    """
+    return best_split_bounded(durations, k, rel_tol)[0]
+
+
+BEST_SPLIT_MAX_GUESTS = 20
 
 
 def run(
