@@ -143,7 +143,7 @@ class SparsifyLimits:
     nice: int = 10
     environment: tuple[tuple[str, str], ...] = ()
     memory_bytes: int = 2 << 30  # MemoryMax= of the transient unit (systemd only)
-    runner: str = "auto"  # "auto", "systemd-run" or "subprocess"
+    runner: str = "auto"  # "auto", "helper", "systemd-run" or "subprocess"
 
 
 class Method(enum.StrEnum):

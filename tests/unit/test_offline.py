@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from virt_trimd.config.model import ConfigError, OfflineConfig, parse_config
-from virt_trimd.engine.offline import HostImages, OfflineHooks, OfflineReclaimer, disk_refusal
+from virt_trimd.engine.offline import (
+    HostImages,
+    OfflineHooks,
+    OfflineReclaimer,
+    disk_refusal,
+    serve_helper_request,
+)
 from virt_trimd.engine.trim import DomainTrimmer, TrimOptions
 from virt_trimd.host.measure import Measurer
 from virt_trimd.host.sparsify import (
@@ -18,10 +24,16 @@ from virt_trimd.host.sparsify import (
     OfflineState,
     SparsifyError,
     SparsifyRun,
+    helper_reply,
+    helper_request,
+    parse_helper_reply,
+    parse_helper_request,
     parse_trimmed,
+    run_via_helper,
     sparsify_argv,
     sparsify_environment,
     systemd_run_argv,
+    use_helper,
     use_systemd_run,
 )
 from virt_trimd.records import (
@@ -277,3 +289,88 @@ def test_an_image_not_written_since_its_last_sparsify_is_not_booted_again(tmp_pa
         fh.write(os.urandom(4096))
     assert reclaimer.trim(dom, TrimOptions()).result is Result.SUCCESS
     assert len(runs) == 2
+
+
+def test_systemd_run_keeps_the_appliance_cache_and_the_modules_readable() -> None:
+    argv = systemd_run_argv("u", ("virt-sparsify",), SparsifyLimits())
+    props = {argv[i + 1] for i, a in enumerate(argv) if a == "-p"}
+    assert "CacheDirectory=virt-trimd-guestfs" in props
+    assert "--setenv=LIBGUESTFS_CACHEDIR=/var/cache/virt-trimd-guestfs" in argv
+    # supermin copies /usr/lib/modules into the appliance: it must stay visible.
+    assert "ProtectKernelModules=yes" not in props
+    own = SparsifyLimits(environment=(("LIBGUESTFS_CACHEDIR", "/srv/cache"),))
+    argv = systemd_run_argv("u", ("virt-sparsify",), own)
+    assert not any(a.startswith("CacheDirectory=") for a in argv)
+    assert "--setenv=LIBGUESTFS_CACHEDIR=/srv/cache" in argv
+
+
+def test_helper_runner_choice() -> None:
+    assert use_helper(SparsifyLimits(runner="helper"), {})
+    assert not use_helper(SparsifyLimits(runner="systemd-run"), {"INVOCATION_ID": "x"})
+    assert not use_helper(SparsifyLimits(), {})  # auto outside systemd: a child process
+    assert not use_systemd_run(SparsifyLimits(runner="helper"), {"INVOCATION_ID": "x"})
+    assert parse_config("offline: {runner: helper}").offline.limits.runner == "helper"
+
+
+def test_helper_protocol_round_trips_and_rejects_garbage() -> None:
+    assert parse_helper_request(helper_request("/i/a.qcow2", "qcow2")) == ("/i/a.qcow2", "qcow2")
+    for bad in (b"{}", b"[1]", b'{"path": "rel", "format": "raw"}',
+                b'{"path": "/a", "format": "vmdk"}', b'{"path": "/a", "format": "raw", "x": 1}',
+                b"x" * 9000):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse_helper_request(bad)
+    run = parse_helper_reply(helper_reply(SparsifyRun(elapsed_seconds=2.5, trimmed=("/dev/sda",))))
+    assert run == SparsifyRun(elapsed_seconds=2.5, trimmed=("/dev/sda",))
+    with pytest.raises(SparsifyError) as err:
+        parse_helper_reply(helper_reply(SparsifyError("refused", "no")))
+    assert (err.value.kind, err.value.message) == ("refused", "no")
+    with pytest.raises(SparsifyError) as err:
+        parse_helper_reply(b"not json")
+    assert err.value.kind == "failed"
+
+
+def test_an_unreachable_helper_is_a_clear_failure(tmp_path: Path) -> None:
+    with pytest.raises(SparsifyError) as err:
+        run_via_helper("/i/a.qcow2", "qcow2", SparsifyLimits(), str(tmp_path / "none.sock"))
+    assert err.value.kind == "failed" and "virt-trimd-sparsify.socket" in err.value.message
+
+
+def _serve(hv: FakeHypervisor, path: str, fmt: str, runs: list[str]) -> SparsifyRun:
+    def runner(p: str, f: str, limits: SparsifyLimits, qi: QemuImgLimits) -> SparsifyRun:
+        runs.append(p)
+        return SparsifyRun(elapsed_seconds=1.0, trimmed=())
+
+    hooks = OfflineHooks(runner=runner, lock_probe=lambda p, f, lim: None)
+    return serve_helper_request(
+        hv,  # type: ignore[arg-type]
+        path,
+        fmt,
+        SparsifyLimits(),
+        QemuImgLimits(),
+        hooks=hooks,
+    )
+
+
+def test_the_helper_rechecks_everything_it_is_asked(tmp_path: Path) -> None:
+    dom = _domain(tmp_path)
+    path = str(dom.disks[0].source_path)
+    runs: list[str] = []
+    assert _serve(FakeHypervisor([dom], [OFF]), path, "raw", runs).elapsed_seconds == 1.0
+    refusals = {
+        "not a disk of exactly one": (FakeHypervisor([], [OFF]), path, "raw"),
+        "says raw, not qcow2": (FakeHypervisor([dom], [OFF]), path, "qcow2"),
+        "is paused": (FakeHypervisor([dom], [replace(ON, state="paused")]), path, "raw"),
+        "managed save": (FakeHypervisor([dom], [replace(OFF, managed_save=True)]), path, "raw"),
+        "cannot be read": (FakeHypervisor([dom], [OFF]), str(tmp_path / "nope"), "raw"),
+    }
+    other = replace(dom, name="db", uuid="u-db")
+    refusals["not a disk of exactly one defined domain (db, web)"] = (
+        FakeHypervisor([dom, other], [OFF]),
+        path,
+        "raw",
+    )
+    for reason, (hv, p, fmt) in refusals.items():
+        with pytest.raises(SparsifyError) as err:
+            _serve(hv, p, fmt, runs)
+        assert err.value.kind == "refused" and reason in err.value.message, (reason, err.value)
+    assert runs == [path]

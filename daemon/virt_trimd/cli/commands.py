@@ -87,6 +87,49 @@ def setup_logging(level: str, force_stderr: bool = False) -> None:
     logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
 
 
+def cmd_sparsify_helper(args: argparse.Namespace, out: TextIO) -> int:
+    """`virt-trimd sparsify-helper`: one offline request from the daemon, as root.
+
+    Started by virt-trimd-sparsify.socket (Accept=yes) with the connection as stdin
+    and stdout. Reads one request line, re-checks it against libvirt and this host's
+    config, runs virt-sparsify in a transient unit, writes one answer line.
+    """
+    from virt_trimd.engine.offline import serve_helper_request  # noqa: PLC0415
+    from virt_trimd.host.sparsify import (  # noqa: PLC0415
+        HELPER_REQUEST_MAX,
+        SparsifyError,
+        helper_reply,
+        parse_helper_request,
+    )
+
+    outcome: Any
+    try:
+        path, fmt = parse_helper_request(sys.stdin.buffer.readline(HELPER_REQUEST_MAX + 1))
+    except ValueError as exc:
+        outcome = SparsifyError("refused", f"malformed request: {exc}")
+    else:
+        config = _load(args, required=True)
+        limits = config.offline.limits
+        if limits.runner == "helper":
+            # This is the helper: its own runs go through systemd-run, never back here.
+            limits = dataclasses.replace(limits, runner="auto")
+        hv = _hypervisor(config.libvirt_uri)
+        try:
+            hv.connect()
+            outcome = serve_helper_request(hv, path, fmt, limits, config.qemu_img)
+        except SparsifyError as exc:
+            outcome = exc
+        except HypervisorError as exc:
+            outcome = SparsifyError("refused", f"libvirt: {exc.message}")
+        finally:
+            hv.close()
+    if isinstance(outcome, SparsifyError):
+        log.warning("offline request refused or failed: %s", outcome.message)
+    out.write(helper_reply(outcome).decode())
+    out.flush()
+    return EXIT_OK
+
+
 def _load(args: argparse.Namespace, required: bool = False) -> Config:
     path: Path | None = getattr(args, "config", None)
     if path is None and required:
@@ -629,6 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sparsify)
 
+    p = sub.add_parser(
+        "sparsify-helper",
+        help="internal: one offline request from the daemon (virt-trimd-sparsify@.service)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"YAML configuration (default {DEFAULT_CONFIG_PATH})",
+    )
+    p.set_defaults(func=cmd_sparsify_helper)
+
     p = sub.add_parser("run", help="the daemon (systemd service), or --once for cron")
     p.add_argument(
         "--config",
@@ -735,7 +790,7 @@ def log_level(args: argparse.Namespace) -> str:
     """--log-level if given (in any spelling argparse accepts), else INFO for `run`, WARNING."""
     if args.log_level is not None:
         return str(args.log_level)
-    return "INFO" if args.command == "run" else "WARNING"
+    return "INFO" if args.command in ("run", "sparsify-helper") else "WARNING"
 
 
 if __name__ == "__main__":

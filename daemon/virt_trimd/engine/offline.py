@@ -250,20 +250,7 @@ class OfflineReclaimer:
             return self._disks(dom, opts, everyone, finish)
 
     def _domain_refusal(self, dom: DomainInfo) -> str | None:
-        try:
-            state = self.hypervisor.offline_state(dom.uuid)
-        except HypervisorError as exc:
-            return f"cannot read the domain's state ({exc.message}); not touched"
-        if state.active:
-            return _running_message(f"is {state.state}")
-        if state.managed_save:
-            return (
-                "skipped: has a managed save image (virsh managedsave); its saved memory "
-                "expects the disks exactly as they are"
-            )
-        if state.has_snapshots:
-            return "skipped: has libvirt snapshots; reverting one expects the disks as they were"
-        return None
+        return domain_refusal(self.hypervisor, dom)
 
     def _disks(
         self,
@@ -412,6 +399,86 @@ class OfflineReclaimer:
             file_size=st.st_size,
             not_measured=None,
         )
+
+
+def domain_refusal(hypervisor: Hypervisor, dom: DomainInfo) -> str | None:
+    """Why this domain must not be sparsified now (active, managed save, snapshots), or None."""
+    try:
+        state = hypervisor.offline_state(dom.uuid)
+    except HypervisorError as exc:
+        return f"cannot read the domain's state ({exc.message}); not touched"
+    if state.active:
+        return _running_message(f"is {state.state}")
+    if state.managed_save:
+        return (
+            "skipped: has a managed save image (virsh managedsave); its saved memory "
+            "expects the disks exactly as they are"
+        )
+    if state.has_snapshots:
+        return "skipped: has libvirt snapshots; reverting one expects the disks as they were"
+    return None
+
+
+def serve_helper_request(  # noqa: PLR0913 - the request, both limits, and hooks for tests
+    hypervisor: Hypervisor,
+    path: str,
+    fmt: str,
+    limits: SparsifyLimits,
+    qemu_img: QemuImgLimits,
+    *,
+    hooks: OfflineHooks | None = None,
+) -> SparsifyRun:
+    """The root helper's side of one request: re-check everything, then run virt-sparsify.
+
+    The daemon that asks runs unprivileged and is trusted with nothing: the image must
+    be a file disk of exactly one defined domain, that domain shut off (no managed save,
+    no snapshots), the disk pass every check of `disk_refusal`, the format be the
+    XML's, and no process hold QEMU's lock on it. Raises SparsifyError ("refused" for
+    a failed check).
+    """
+    hooks = hooks or OfflineHooks()
+    try:
+        everyone = hypervisor.list_domains()
+    except HypervisorError as exc:
+        raise SparsifyError("refused", f"cannot list domains: {exc.message}") from None
+    try:
+        info = hooks.facts(path)
+    except OSError as exc:
+        raise SparsifyError("refused", f"{path}: cannot be read ({exc.strerror})") from None
+    owners: list[tuple[DomainInfo, Disk]] = []
+    for dom in everyone:
+        for disk in dom.disks:
+            if disk.device not in ("disk", "lun") or not disk.is_file or not disk.source_path:
+                continue
+            try:
+                if hooks.facts(disk.source_path).file_id == info.file_id:
+                    owners.append((dom, disk))
+            except OSError:
+                continue
+    if len(owners) != 1:
+        names = sorted({d.name for d, _ in owners})
+        raise SparsifyError(
+            "refused",
+            f"{path} is not a disk of exactly one defined domain ({', '.join(names) or 'none'})",
+        )
+    dom, disk = owners[0]
+    if disk.driver_format != fmt:
+        raise SparsifyError(
+            "refused", f"{path}: the XML of {dom.name} says {disk.driver_format}, not {fmt}"
+        )
+    # libvirt's state names it (paused, running...); the listing's flag is the fallback.
+    refusal = domain_refusal(hypervisor, dom)
+    if refusal is None and dom.running:
+        refusal = _running_message("is running")
+    images = host_images(everyone, neighbours(path), hooks.facts)
+    refusal = refusal or disk_refusal(dom.name, disk, info, images)
+    if refusal is not None:
+        raise SparsifyError("refused", f"{dom.name}/{disk.target}: {refusal}")
+    lock = hooks.lock_probe(path, fmt, qemu_img)
+    if lock is not None:
+        raise SparsifyError("locked", f"{path} is in use (QEMU's image lock: {lock}); not touched")
+    log.info("%s/%s: checks passed, sparsifying %s", dom.name, disk.target, path)
+    return hooks.runner(path, fmt, limits, qemu_img)
 
 
 def _running_message(how: str) -> str:

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -56,7 +58,10 @@ ENVIRONMENT_NAME = re.compile(r"(LIBGUESTFS_[A-Z0-9_]+|SUPERMIN_[A-Z0-9_]+|TMPDI
 
 
 class SparsifyError(Exception):
-    """One virt-sparsify run failed; `kind` is missing, locked, timeout or failed."""
+    """One virt-sparsify run failed; `kind` is missing, locked, timeout, failed or refused.
+
+    refused: the root helper's own safety checks turned the request down.
+    """
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -97,6 +102,14 @@ class OfflineState:
 
 
 _RUNS = itertools.count(1)
+# The packaged root helper's socket (virt-trimd-sparsify.socket, group virt-trimd).
+HELPER_SOCKET = "/run/virt-trimd/sparsify.sock"
+# A request is one JSON line; anything longer is not one of ours.
+HELPER_REQUEST_MAX = 8192
+# How much longer than offline.timeout the daemon waits for the helper's answer.
+HELPER_GRACE_SECONDS = 120.0
+# /var/cache/<this>: libguestfs's appliance cache for runs in transient units.
+GUESTFS_CACHE_NAME = "virt-trimd-guestfs"
 # How much longer than RuntimeMaxSec= to wait for systemd-run before stopping the unit.
 UNIT_STOP_GRACE_SECONDS = 60.0
 
@@ -140,11 +153,27 @@ def under_systemd(environ: Mapping[str, str]) -> bool:
     return bool(environ.get("INVOCATION_ID")) and Path("/run/systemd/system").is_dir()
 
 
+def use_helper(limits: SparsifyLimits, environ: Mapping[str, str]) -> bool:
+    """Whether runs are asked of the packaged root helper (`offline.runner`).
+
+    auto: when the daemon is an unprivileged systemd service and the helper's socket
+    exists. Such a daemon cannot start a transient unit itself (systemd asks polkit
+    for org.freedesktop.systemd1.manage-units, which root alone has by default), and
+    granting it that would let it run anything as root: StartTransientUnit passes
+    polkit no unit name to scope a rule by, and the caller picks the command.
+    """
+    if limits.runner == "helper":
+        return True
+    if limits.runner != "auto":
+        return False
+    return os.geteuid() != 0 and under_systemd(environ) and Path(HELPER_SOCKET).exists()
+
+
 def use_systemd_run(limits: SparsifyLimits, environ: Mapping[str, str]) -> bool:
     """Whether runs go through a transient unit (`offline.runner`; auto: under systemd)."""
     if limits.runner == "systemd-run":
         return True
-    if limits.runner == "subprocess":
+    if limits.runner in ("subprocess", "helper"):
         return False
     return under_systemd(environ) and shutil.which("systemd-run") is not None
 
@@ -166,12 +195,21 @@ def systemd_run_argv(unit: str, argv: Sequence[str], limits: SparsifyLimits) -> 
         "KillMode=control-group",
         "PrivateTmp=yes",
         "NoNewPrivileges=yes",
-        "ProtectKernelModules=yes",
+        # No module loading, but not ProtectKernelModules=: that hides /usr/lib/modules,
+        # which supermin copies into the appliance ("supermin exited with error status 1").
+        "CapabilityBoundingSet=~CAP_SYS_MODULE",
         "ProtectKernelLogs=yes",
         "ProtectControlGroups=yes",
     ]
+    operator = {name for name, _ in limits.environment}
+    if "LIBGUESTFS_CACHEDIR" not in operator:
+        # PrivateTmp= would hide libguestfs's default cache (/var/tmp) and rebuild the
+        # supermin appliance at every run; systemd keeps (and creates) this one.
+        props.append(f"CacheDirectory={GUESTFS_CACHE_NAME}")
     out = ["systemd-run", "--wait", "--pipe", "--collect", "--service-type=exec"]
     out += [f"--unit={unit}", "--setenv=LC_ALL=C"]
+    if "LIBGUESTFS_CACHEDIR" not in operator:
+        out += [f"--setenv=LIBGUESTFS_CACHEDIR=/var/cache/{GUESTFS_CACHE_NAME}"]
     out += [f"--setenv={name}={value}" for name, value in limits.environment]
     for prop in props:
         out += ["-p", prop]
@@ -278,6 +316,8 @@ def run_sparsify(
             f"{SPARSIFY_TOOL} not found: install libguestfs-tools "
             "(apt-get install libguestfs-tools) for offline reclaim",
         )
+    if use_helper(limits, os.environ):
+        return run_via_helper(path, fmt, limits)
     unit: str | None = None
     wait_seconds = limits.timeout_seconds
     if use_systemd_run(limits, os.environ):
@@ -341,6 +381,100 @@ def run_sparsify(
             reason = reason or f"exit status {proc.returncode}"
         raise SparsifyError("failed", f"virt-sparsify on {path} failed: {reason[:300]}")
     return SparsifyRun(elapsed_seconds=elapsed, trimmed=parse_trimmed(stdout))
+
+
+def helper_request(path: str, fmt: str) -> bytes:
+    """The one line the daemon sends the root helper: which image, in which format."""
+    return json.dumps({"path": path, "format": fmt}).encode() + b"\n"
+
+
+def parse_helper_request(line: bytes) -> tuple[str, str]:
+    """(path, format) from a request line; ValueError when it is not a well-formed one."""
+    if len(line) > HELPER_REQUEST_MAX:
+        raise ValueError("request too long")
+    req = json.loads(line)
+    if not isinstance(req, dict) or set(req) != {"path", "format"}:
+        raise ValueError("expected exactly the keys path and format")
+    path, fmt = req["path"], req["format"]
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ValueError("path must be an absolute path")
+    if fmt not in SUPPORTED_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(SUPPORTED_FORMATS)}")
+    return path, fmt
+
+
+def helper_reply(outcome: SparsifyRun | SparsifyError) -> bytes:
+    """The helper's one-line answer: the run, or the error's kind and message."""
+    if isinstance(outcome, SparsifyRun):
+        body: dict[str, object] = {
+            "ok": True,
+            "elapsed_seconds": outcome.elapsed_seconds,
+            "trimmed": list(outcome.trimmed),
+        }
+    else:
+        body = {"ok": False, "kind": outcome.kind, "message": outcome.message[:2000]}
+    return json.dumps(body).encode() + b"\n"
+
+
+def parse_helper_reply(data: bytes) -> SparsifyRun:
+    """A SparsifyRun from the helper's answer; SparsifyError for its errors or garbage."""
+    try:
+        body = json.loads(data)
+        if body["ok"] is True:
+            return SparsifyRun(
+                elapsed_seconds=float(body["elapsed_seconds"]),
+                trimmed=tuple(str(t) for t in body["trimmed"]),
+            )
+        kind, message = str(body["kind"]), str(body["message"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SparsifyError("failed", f"the offline helper gave no valid answer ({exc})") from None
+    raise SparsifyError(kind if kind in HELPER_ERROR_KINDS else "failed", message)
+
+
+HELPER_ERROR_KINDS = ("missing", "locked", "timeout", "failed", "refused")
+
+
+def run_via_helper(
+    path: str, fmt: str, limits: SparsifyLimits, socket_path: str = HELPER_SOCKET
+) -> SparsifyRun:
+    """Ask the packaged root helper (virt-trimd-sparsify@.service) to sparsify one image.
+
+    The helper trusts nothing in the request but the path: it re-reads the domain from
+    libvirt, repeats every safety check, takes the format and the limits from its own
+    copy of the config, and runs virt-sparsify in a transient unit of its own.
+    """
+    log.info("%s: asking the offline helper (%s)", path, socket_path)
+    started = time.monotonic()
+    wait = limits.timeout_seconds + UNIT_STOP_GRACE_SECONDS + HELPER_GRACE_SECONDS
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30.0)
+            sock.connect(socket_path)
+            sock.sendall(helper_request(path, fmt))
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(wait)
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_OUTPUT_BYTES:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except TimeoutError:
+        raise SparsifyError(
+            "timeout",
+            f"the offline helper gave no answer for {path} within {wait:g}s (offline.timeout)",
+        ) from None
+    except OSError as exc:
+        raise SparsifyError(
+            "failed",
+            f"cannot reach the offline helper at {socket_path} ({exc.strerror or exc}): "
+            "is virt-trimd-sparsify.socket enabled? (docs/systemd.md)",
+        ) from None
+    run = parse_helper_reply(b"".join(chunks))
+    log.debug("%s: helper answered in %.1fs", path, time.monotonic() - started)
+    return run
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
