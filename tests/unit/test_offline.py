@@ -374,3 +374,15 @@ def test_the_helper_rechecks_everything_it_is_asked(tmp_path: Path) -> None:
             _serve(hv, p, fmt, runs)
         assert err.value.kind == "refused" and reason in err.value.message, (reason, err.value)
     assert runs == [path]
+
+
+def test_the_helper_runs_on_the_xml_path_not_the_one_asked(tmp_path: Path) -> None:
+    # A symlink the (untrusted) daemon made passes the identity check, but could be
+    # re-pointed after it: the run must use the domain's own path.
+    dom = _domain(tmp_path)
+    path = str(dom.disks[0].source_path)
+    link = tmp_path / "link.raw"
+    link.symlink_to(path)
+    runs: list[str] = []
+    _serve(FakeHypervisor([dom], [OFF]), str(link), "raw", runs)
+    assert runs == [path]

@@ -462,6 +462,10 @@ def serve_helper_request(  # noqa: PLR0913 - the request, both limits, and hooks
             f"{path} is not a disk of exactly one defined domain ({', '.join(names) or 'none'})",
         )
     dom, disk = owners[0]
+    # From here on the XML's path, never the asker's: a path the daemon controls (a
+    # symlink under its state directory) could be pointed elsewhere after the checks.
+    path = disk.source_path or path
+    info = hooks.facts(path)
     if disk.driver_format != fmt:
         raise SparsifyError(
             "refused", f"{path}: the XML of {dom.name} says {disk.driver_format}, not {fmt}"
