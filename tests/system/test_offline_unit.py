@@ -40,8 +40,15 @@ from prometheus_client.parser import text_string_to_metric_families
 import rig
 from e2e.offline_helpers import guest_checksums, sha256, write_keep_files_and_stop
 from support.files import free_port
-from system.conftest import Debs, add_libvirt_group
-from system.debhost import BASE_PACKAGES, DebianHost, build_root, default_port, wait_until
+from system.conftest import Debs
+from system.debhost import (
+    BASE_PACKAGES,
+    DebianHost,
+    add_libvirt_group,
+    build_root,
+    default_port,
+    wait_until,
+)
 
 CLUSTER = 64 * 1024
 MIB = 1 << 20
