@@ -35,9 +35,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import rig
+from e2e.daemon_proc import scrape
 from e2e.offline_helpers import guest_checksums, sha256, write_keep_files_and_stop
 from support.files import free_port
 from system.conftest import Debs
@@ -98,15 +98,7 @@ class Offline:
     notes: dict[str, object] = field(default_factory=dict)
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return scrape(self.port)
 
     def config(self, runner: str = "auto") -> str:
         return (

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import rig
+from e2e.daemon_proc import scrape
 from support.files import free_port
 from system.conftest import README_SECURITY, Debs
 from system.debhost import DebianHost, add_libvirt_group, booted, default_port, wait_until
@@ -60,15 +60,7 @@ class Lifecycle:
         return self.guest.images[0]
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
+        return scrape(self.port)
 
     def metric(self, name: str, **labels: str) -> float | None:
         return self.scrape().get((name, tuple(sorted(labels.items()))))
