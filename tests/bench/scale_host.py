@@ -5,7 +5,8 @@ what `host.hypervisor.Hypervisor` asks a `virConnect`/`virDomain` (listAllDomain
 XMLDesc, isActive, blockJobInfo, jobStats, guestInfo ...), with libvirt-shaped domain
 XML that the real `parse_domain_xml` reads. `StandInHypervisor` is the real adapter
 with one call replaced: `libvirt_qemu.qemuAgentCommand` (a C function that needs a real
-domain) becomes a canned guest-agent reply after a fixed latency. Everything the
+domain) becomes a canned guest-agent reply after a fixed latency, by swapping the module
+the adapter calls (the adapter's code itself is not copied or overridden). Everything the
 adapter does around that call (the allow-list, the JSON, parse_agent_reply, the
 deadline thread of guestInfo) still runs. Disks are real sparse raw files, so every
 measurement is a real `os.stat` (raw: no qemu-img, which is not our code).
@@ -20,12 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from virt_trimd.host.agent import (
-    ALLOWED_AGENT_COMMANDS,
-    AgentCommandRefused,
-    Outcome,
-    parse_agent_reply,
-)
+from virt_trimd.host import hypervisor as hypervisor_module
 from virt_trimd.host.hypervisor import Hypervisor
 
 # What each image file holds: allocated bytes (written at offset 0) and apparent size.
@@ -204,24 +200,26 @@ class StandInConnection:
         return 0
 
 
+class StandInLibvirtQemu:
+    """Stands in for the `libvirt_qemu` module: the agent answers from the stand-in domain."""
+
+    @staticmethod
+    def qemuAgentCommand(dom: StandInDomain, request: str, timeout: int, flags: int) -> str:
+        del timeout, flags
+        return dom.agent_reply(request)
+
+
 class StandInHypervisor(Hypervisor):
-    """The real adapter over a StandInConnection; only qemuAgentCommand is replaced."""
+    """The real adapter over a StandInConnection, its agent calls answered by the stand-in.
+
+    The adapter's own `agent_command` runs unchanged (allow-list, payload, timeout,
+    error mapping, parse_agent_reply); only the module it calls into is swapped, which
+    is safe because the scale worker is a process of its own.
+    """
 
     def __init__(self, conn: StandInConnection) -> None:
         super().__init__("test:///scale-bench", opener=lambda _uri: conn)
-
-    def agent_command(
-        self, uuid: str, command: str, arguments: dict[str, Any] | None, timeout_seconds: float
-    ) -> Any:
-        """Hypervisor.agent_command with the libvirt_qemu call answered by the stand-in."""
-        del timeout_seconds
-        if command not in ALLOWED_AGENT_COMMANDS:
-            raise AgentCommandRefused(Outcome.ERROR, f"agent command {command!r} is not allowed")
-        payload: dict[str, Any] = {"execute": command}
-        if arguments:
-            payload["arguments"] = arguments
-        dom = self._lookup_uuid(uuid)
-        return parse_agent_reply(command, dom.agent_reply(json.dumps(payload)))
+        setattr(hypervisor_module, "libvirt_qemu", StandInLibvirtQemu)  # noqa: B010
 
 
 def stand_in_host(
