@@ -33,17 +33,15 @@ import datetime as dt
 import random
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 import rig
 from bench.common import BenchResult, Row, at_most, row
 from bench.daemon import Daemon
 from bench.guests import GuestPool
+from e2e.daemon_proc import scrape
 from support.files import free_port
 from support.notify import NotifyReceiver
 
@@ -95,16 +93,6 @@ class Poller:
 
     def first_below_after(self, value: int, after: float) -> float | None:
         return next((t for t, a in self.samples if t >= after and a < value), None)
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def _sample(
@@ -209,9 +197,7 @@ class GrowthRig:
         ready = notify.wait_for("READY=1", 60, daemon.proc) + offset
 
         def census_seen() -> float | None:
-            return _sample(
-                _scrape(port), "virt_trimd_disk_allocated_bytes", domain=self.handle.name
-            )
+            return _sample(scrape(port), "virt_trimd_disk_allocated_bytes", domain=self.handle.name)
 
         first = _wait("the first census (the growth baseline)", 60, census_seen)
         if abs(int(first) - allocated(self.image)) > MIB:
@@ -262,7 +248,7 @@ def one_rep(g: GrowthRig, rep: int, rng: random.Random) -> Rep:
 
     def backing_off() -> bool:
         until = _sample(
-            _scrape(port),
+            scrape(port),
             "virt_trimd_trigger_backoff_until_timestamp_seconds",
             domain=g.handle.name,
         )
